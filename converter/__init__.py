@@ -1,0 +1,1 @@
+"""converter: built by its own issue; empty until then."""

@@ -1,0 +1,1 @@
+"""edge_runtime: built by its own issue; empty until then."""

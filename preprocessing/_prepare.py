@@ -1,0 +1,80 @@
+"""Turn a decoded photo into a model input, exactly as the `PreprocessSpec` says."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from ._decode import DEFAULT_LIMITS, DecodeLimits, ImageSource, load_image
+from ._spec import PreprocessSpec
+
+_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "box": Image.Resampling.BOX,
+    "bilinear": Image.Resampling.BILINEAR,
+    "hamming": Image.Resampling.HAMMING,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def prepare(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Resize, normalise and (for integer models) quantize an RGB uint8 array.
+
+    Returns an array of shape (spec.height, spec.width, 3) and dtype `spec.dtype`; add the batch
+    axis yourself (`x[None]`) or use `numpy.stack` for a batch.
+    """
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(
+            "prepare needs an RGB uint8 array of shape (height, width, 3), as load_image returns; "
+            f"got {getattr(image, 'dtype', type(image).__name__)} {getattr(image, 'shape', '')}"
+        )
+    resized = np.asarray(_fit(Image.fromarray(image), spec))
+    return _normalise(resized, spec)
+
+
+def preprocess(
+    source: ImageSource, spec: PreprocessSpec, *, limits: DecodeLimits = DEFAULT_LIMITS
+) -> np.ndarray:
+    """Decode `source` and prepare it: the one path every part of the system uses for a photo."""
+    draft = spec.size if spec.jpeg_draft else None
+    return prepare(load_image(source, limits=limits, draft_size=draft), spec)
+
+
+def _fit(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
+    resample = _FILTERS[spec.resize]
+    width, height = image.size
+    target_w, target_h = spec.size
+    if spec.fit == "stretch":
+        return image.resize((target_w, target_h), resample)
+    if spec.fit == "center_crop":
+        target_aspect = target_w / target_h
+        if width / height > target_aspect:
+            crop_w = height * target_aspect
+            left = (width - crop_w) / 2
+            box = (left, 0.0, left + crop_w, float(height))
+        else:
+            crop_h = width / target_aspect
+            top = (height - crop_h) / 2
+            box = (0.0, top, float(width), top + crop_h)
+        return image.resize((target_w, target_h), resample, box=box)
+    # pad: fit inside, centre on a canvas of pad_color
+    factor = min(target_w / width, target_h / height)
+    inner = (max(1, min(target_w, round(width * factor))), max(1, min(target_h, round(height * factor))))
+    canvas = Image.new("RGB", (target_w, target_h), spec.pad_color)
+    canvas.paste(image.resize(inner, resample), ((target_w - inner[0]) // 2, (target_h - inner[1]) // 2))
+    return canvas
+
+
+def _normalise(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    if spec.dtype == "uint8" and spec.quantization is None:
+        return np.ascontiguousarray(pixels, dtype=np.uint8)
+    mean = np.asarray(spec.mean, dtype=np.float32)
+    std = np.asarray(spec.std, dtype=np.float32)
+    x = (pixels.astype(np.float32) * np.float32(spec.scale) - mean) / std
+    if spec.dtype == "float32":
+        return x
+    q_scale, zero_point = spec.quantization  # type: ignore[misc]
+    low, high = (0, 255) if spec.dtype == "uint8" else (-128, 127)
+    q = np.rint(x / np.float32(q_scale)) + zero_point
+    return np.clip(q, low, high).astype(spec.dtype)

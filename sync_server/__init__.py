@@ -1,0 +1,1 @@
+"""sync_server: built by its own issue; empty until then."""

@@ -1,0 +1,1 @@
+"""Tests for edge-classify: each module reads like the story of someone using the system."""
