@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+pytest_plugins = ["tests.model_fixtures"]
+
 import io
 from pathlib import Path
 
