@@ -1,0 +1,332 @@
+"""A seller's kiosk classifies photos with `edge-classify`: fast, offline, asking the server when unsure."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from edge_runtime.cli import main
+from tests.conftest import encode, real_photo_path
+
+
+@pytest.fixture(scope="module")
+def publisher(tmp_path_factory):
+    """The publisher's signing key pair (private PEM, public PEM)."""
+    from converter.signing import write_keypair
+
+    private, public = write_keypair(tmp_path_factory.mktemp("keys") / "publisher")
+    return private, public
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(tiny_saved_model, demo_dataset, publisher, tmp_path_factory):
+    """The tiny demo model as a signed full-int8 bundle (the format a kiosk runs)."""
+    from converter.options import ConvertOptions, QuantizationOptions, SigningOptions, ValidationOptions
+    from converter.pipeline import convert
+
+    out = tmp_path_factory.mktemp("bundles") / "int8"
+    convert(
+        tiny_saved_model,
+        ConvertOptions(
+            out=out,
+            name="shop",
+            version=1,
+            quantization=QuantizationOptions(mode="int8", calibration=demo_dataset / "train"),
+            validation=ValidationOptions(skip=True),
+            signing=SigningOptions(key=publisher[0]),
+        ),
+    )
+    return out
+
+
+@pytest.fixture
+def device(tmp_path, monkeypatch, publisher):
+    """A device: its own model store, the publisher's key pinned, no server configured."""
+    home = tmp_path / "device"
+    home.mkdir()
+    shutil.copy(publisher[1], home / "trusted.pub")
+    monkeypatch.setenv("EDGE_CLASSIFY_HOME", str(home))
+    monkeypatch.delenv("EDGE_CLASSIFY_SERVER", raising=False)
+    monkeypatch.delenv("EDGE_CLASSIFY_PUBLIC_KEY", raising=False)
+    return home
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory, demo_dataset, chelsea):
+    """A folder with good photos of each kind and bad ones: a text file named .jpg, a cut-off JPEG."""
+    folder = tmp_path_factory.mktemp("photos")
+    for i, path in enumerate(sorted((demo_dataset / "test").rglob("*.jpg"))[:4]):
+        shutil.copy(path, folder / f"good_{i}.jpg")
+    (folder / "good_png.png").write_bytes(encode(chelsea, "PNG"))
+    (folder / "bad_text.jpg").write_text("not a photo")
+    jpeg = encode(chelsea, "JPEG")
+    (folder / "bad_cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (folder / "notes.txt").write_text("ignored: not a photo file name")
+    return folder
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+# --- one photo, a folder, exit statuses ----------------------------------------------------------
+
+
+def test_a_good_photo_gets_its_top_categories(device, int8_bundle, capsys):
+    code, out, err = run(capsys, real_photo_path("rocket.jpg"), "--model", int8_bundle, "--top-k", "2")
+    assert code == 0, err
+    line = out.strip()
+    assert line.startswith(str(real_photo_path("rocket.jpg")) + ": ")
+    assert "(edge, " in line and line.endswith(" ms)")
+    labels = (int8_bundle / "labels.txt").read_text().split()
+    assert sum(label in line for label in labels) == 2
+
+
+def test_json_lines_carry_every_field(device, int8_bundle, capsys):
+    code, out, _ = run(capsys, real_photo_path("rocket.jpg"), "--model", int8_bundle, "--json", "--top-k", "3",
+                       "--fallback", "never")
+    assert code == 0
+    [result] = json_lines(out)
+    assert set(result) >= {"path", "label", "score", "top_k", "model", "source", "latency_ms", "error"}
+    assert result["model"] == {"name": "shop", "version": 1}
+    assert result["source"] == "edge" and result["error"] is None
+    assert len(result["top_k"]) == 3 and result["top_k"][0]["label"] == result["label"]
+    scores = [c["score"] for c in result["top_k"]]
+    assert scores == sorted(scores, reverse=True) and 0 <= scores[-1] <= scores[0] <= 1
+    assert result["latency_ms"] > 0
+
+
+def test_a_folder_with_good_and_bad_photos_reports_each_and_exits_1(device, int8_bundle, photos, capsys):
+    code, out, _ = run(capsys, photos, "--model", int8_bundle, "--json", "--fallback", "never")
+    assert code == 1
+    results = {Path(r["path"]).name: r for r in json_lines(out)}
+    assert set(results) == {"good_0.jpg", "good_1.jpg", "good_2.jpg", "good_3.jpg", "good_png.png",
+                            "bad_text.jpg", "bad_cut.jpg"}
+    assert results["bad_text.jpg"]["error"]["code"] == "not_an_image"
+    assert results["bad_cut.jpg"]["error"]["code"] == "truncated"
+    assert results["bad_cut.jpg"]["label"] is None
+    for name in ("good_0.jpg", "good_png.png"):
+        assert results[name]["error"] is None and results[name]["label"]
+    assert [Path(r["path"]).name for r in json_lines(out)] == sorted(results)  # input order
+
+
+def test_a_missing_photo_is_a_bad_input_not_a_crash(device, int8_bundle, tmp_path, capsys):
+    code, out, _ = run(capsys, tmp_path / "nope.jpg", "--model", int8_bundle)
+    assert code == 1
+    assert "error not_found" in out
+
+
+def test_usage_errors_exit_2_with_one_line(device, capsys):
+    code, _, err = run(capsys)
+    assert code == 2 and "give at least one photo" in err
+    code, _, err = run(capsys, "photo.jpg", "--top-k", "0")
+    assert code == 2 and "--top-k must be at least 1" in err
+    code, _, err = run(capsys, "photo.jpg", "--delegate", "tpu")
+    assert code == 2 and "invalid choice" in err
+
+
+def test_no_model_anywhere_says_how_to_get_one(device, capsys):
+    code, _, err = run(capsys, real_photo_path("rocket.jpg"))
+    assert code == 2
+    assert "no model is installed" in err and "edge-classify models install" in err
+    assert "Traceback" not in err
+
+
+def test_version_names_the_interpreter_backend(capsys):
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and "interpreter: ai-edge-litert" in out
+
+
+# --- verification ------------------------------------------------------------------------------
+
+
+def test_a_model_file_changed_after_signing_is_refused(device, int8_bundle, tmp_path, capsys):
+    tampered = tmp_path / "tampered"
+    shutil.copytree(int8_bundle, tampered)
+    model = bytearray((tampered / "model.tflite").read_bytes())
+    model[-100] ^= 0xFF
+    (tampered / "model.tflite").write_bytes(bytes(model))
+    code, _, err = run(capsys, real_photo_path("rocket.jpg"), "--model", tampered)
+    assert code == 2 and "sha256" in err
+
+
+def test_a_bundle_signed_by_another_key_is_refused(device, int8_bundle, tmp_path, capsys):
+    from converter.signing import write_keypair
+
+    _, stranger = write_keypair(tmp_path / "stranger")
+    code, _, err = run(capsys, real_photo_path("rocket.jpg"), "--model", int8_bundle, "--public-key", stranger)
+    assert code == 2 and "does not verify" in err
+
+
+def test_an_unsigned_bundle_is_refused(device, int8_bundle, tmp_path, capsys):
+    unsigned = tmp_path / "unsigned"
+    shutil.copytree(int8_bundle, unsigned)
+    (unsigned / "manifest.sig").unlink()
+    code, _, err = run(capsys, real_photo_path("rocket.jpg"), "--model", unsigned)
+    assert code == 2 and "unsigned" in err
+
+
+def test_without_a_pinned_key_nothing_loads(device, int8_bundle, capsys):
+    (device / "trusted.pub").unlink()
+    code, _, err = run(capsys, real_photo_path("rocket.jpg"), "--model", int8_bundle)
+    assert code == 2 and "no trusted publisher key" in err
+
+
+# --- the local model store -----------------------------------------------------------------------
+
+
+def test_install_use_rollback_through_the_cli(device, int8_bundle, tmp_path, publisher, capsys):
+    from converter.bundle import read_bundle, write_bundle
+    from dataclasses import replace
+
+    # Version 2: the same model re-signed under a new version number.
+    v1 = read_bundle(int8_bundle, publisher[1])
+    v2_dir = tmp_path / "v2"
+    write_bundle(v2_dir, v1.read_model(), replace(v1.manifest, version=2), sign_key=publisher[0])
+
+    assert run(capsys, "models", "install", int8_bundle, "--use")[0] == 0
+    assert run(capsys, "models", "install", v2_dir)[0] == 0
+    code, out, _ = run(capsys, "models", "list")
+    assert out.splitlines() == ["shop  v1  current", "shop  v2"]
+
+    assert run(capsys, "models", "use", "2")[0] == 0
+    code, out, _ = run(capsys, real_photo_path("rocket.jpg"), "--json")  # the store's current model
+    assert code == 0 and json_lines(out)[0]["model"] == {"name": "shop", "version": 2}
+
+    code, out, _ = run(capsys, "models", "rollback")
+    assert code == 0 and "now using shop v1" in out
+    code, out, _ = run(capsys, real_photo_path("rocket.jpg"), "--json")
+    assert json_lines(out)[0]["model"]["version"] == 1
+    code, out, _ = run(capsys, "models", "path")
+    assert out.strip() == str(device)
+
+
+def test_installing_a_tampered_bundle_leaves_the_store_untouched(device, int8_bundle, tmp_path, capsys):
+    tampered = tmp_path / "tampered"
+    shutil.copytree(int8_bundle, tampered)
+    (tampered / "labels.txt").write_text("a\nb\nc\nd\ne\nf\n")
+    code, _, err = run(capsys, "models", "install", tampered)
+    assert code == 2 and "refused" in err
+    assert run(capsys, "models", "list")[1].startswith("no models installed")
+
+
+# --- server fallback ---------------------------------------------------------------------------
+
+
+class _StandIn(http.server.BaseHTTPRequestHandler):
+    """The sync server's prediction endpoint, as the device sees it."""
+
+    delay_s = 0.0
+    requests: list = []
+
+    def do_POST(self):  # noqa: N802
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).requests.append((self.path, self.headers.get("Authorization"), len(body)))
+        time.sleep(self.delay_s)
+        answer = {"model": {"name": "shop", "version": 1},
+                  "top_k": [{"label": "sneaker", "score": 0.97}, {"label": "mug", "score": 0.02}]}
+        data = json.dumps(answer).encode()
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError:
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    _StandIn.delay_s, _StandIn.requests = 0.0, []
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StandIn)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", _StandIn
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_an_unsure_photo_is_answered_by_the_server(device, int8_bundle, server, capsys, monkeypatch):
+    url, standin = server
+    monkeypatch.setenv("EDGE_CLASSIFY_TOKEN", "device-token")
+    code, out, _ = run(capsys, real_photo_path("rocket.jpg"), "--model", int8_bundle, "--json",
+                       "--server", url, "--threshold", "1.0")
+    assert code == 0
+    [result] = json_lines(out)
+    assert result["source"] == "server" and result["label"] == "sneaker" and result["fallback"] == "answered"
+    [(path, auth, size)] = standin.requests
+    assert path.startswith("/v1/models/shop/predict?") and "version=1" in path
+    assert auth == "Bearer device-token"
+    assert size == real_photo_path("rocket.jpg").stat().st_size  # the photo's own bytes, compact
+
+
+def test_a_confident_photo_never_leaves_the_device(device, int8_bundle, server, capsys):
+    url, standin = server
+    code, out, _ = run(capsys, real_photo_path("rocket.jpg"), "--model", int8_bundle, "--json",
+                       "--server", url, "--threshold", "0.0")
+    assert code == 0 and json_lines(out)[0]["source"] == "edge" and standin.requests == []
+
+
+def test_a_slow_server_is_abandoned_after_the_timeout(device, int8_bundle, server, capsys):
+    url, standin = server
+    standin.delay_s = 3.0
+    started = time.perf_counter()
+    code, out, _ = run(capsys, real_photo_path("rocket.jpg"), "--model", int8_bundle, "--json",
+                       "--server", url, "--threshold", "1.0", "--timeout", "0.5")
+    elapsed = time.perf_counter() - started
+    assert code == 0
+    result = json_lines(out)[0]
+    assert result["source"] == "edge" and result["label"]
+    assert result["fallback"].startswith("unavailable") and "0.5 s" in result["fallback"]
+    assert elapsed < 2.5  # bounded by the timeout, not by the server
+
+
+def test_offline_keeps_the_edge_answer_and_says_so(device, int8_bundle, capsys):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens here once closed
+    code, out, _ = run(capsys, real_photo_path("rocket.jpg"), "--model", int8_bundle,
+                       "--server", f"http://127.0.0.1:{port}", "--threshold", "1.0")
+    assert code == 0
+    assert "(edge; server unavailable: the server is unreachable" in out
+
+
+def test_always_mode_without_a_server_still_answers_on_the_edge(device, int8_bundle, capsys):
+    code, out, _ = run(capsys, real_photo_path("rocket.jpg"), "--model", int8_bundle, "--json", "--fallback", "always")
+    result = json_lines(out)[0]
+    assert code == 0 and result["source"] == "edge" and "no server configured" in result["fallback"]
+
+
+# --- start-up -------------------------------------------------------------------------------------
+
+
+def test_the_command_imports_no_tensorflow(device, int8_bundle):
+    script = (
+        "import sys; from edge_runtime.cli import main; "
+        f"code = main([{str(real_photo_path('rocket.jpg'))!r}, '--model', {str(int8_bundle)!r}, '--json']); "
+        "heavy = [m for m in ('tensorflow', 'tf_keras', 'keras', 'fastapi') if m in sys.modules]; "
+        "print('HEAVY', heavy); sys.exit(code)"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                               env={**__import__('os').environ, "EDGE_CLASSIFY_HOME": str(device)})
+    assert completed.returncode == 0, completed.stderr
+    assert "HEAVY []" in completed.stdout
