@@ -1,18 +1,25 @@
 """`edge-demo`: the main job on embedded defaults, end to end, for a newcomer's first run.
 
-Today it generates the synthetic shop photos, trains the demo classifier and prints its accuracy.
-Later steps (convert, serve, classify) join as their parts are built.
+Generates the synthetic shop photos, trains the demo classifier, converts it into a signed full-int8
+bundle with `edge-convert` (showing the validation report), installs it on a simulated device and
+classifies sample photos, good and bad, with `edge-classify`. Each later step runs the real command
+line, printed before it runs, so the output shows exactly what a person would type.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 DEFAULT_WORKDIR = Path("demo-output")
+STEPS = 4
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,59 +33,145 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.per_class < 5:
         parser.error("--per-class must be at least 5")
+    if args.epochs is not None and args.epochs < 1:
+        parser.error("--epochs must be at least 1")
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
 
+    data_dir, retrained = _demo_data(work, args), False
+    status = _demo_model(work, data_dir, args)
+    if status is None:
+        return 2
+    retrained = status
+    if not _demo_bundle(work, data_dir, retrained):
+        return 2
+    return _demo_classify(work, data_dir)
+
+
+def _demo_data(work: Path, args: argparse.Namespace) -> Path:
     from edge_demo.synthetic import GeneratorOptions, generate_dataset
 
-    data_dir = args.workdir / "data"
-    model_dir = args.workdir / "model"
-    options = GeneratorOptions(
-        seed=args.seed,
-        splits=(("train", args.per_class), ("val", max(2, args.per_class // 5)), ("test", max(2, args.per_class // 5))),
-    )
+    data_dir = work / "data"
+    small = max(2, args.per_class // 5)
+    options = GeneratorOptions(seed=args.seed, splits=(("train", args.per_class), ("val", small), ("test", small)))
     stamp = data_dir / ".options.json"
     wanted = json.dumps({"seed": options.seed, "splits": options.splits})
-    _step("1/2 demo data")
+    _step(1, "demo data: synthetic product photos")
     if stamp.is_file() and stamp.read_text() == wanted:
-        print(f"      reusing {data_dir} (same seed and sizes)")
-    else:
-        started = time.perf_counter()
-        summary = generate_dataset(data_dir, options, workers=2)
-        stamp.write_text(wanted)
-        total = sum(sum(c.values()) for c in summary.counts.values())
-        print(
-            f"      {total} synthetic photos of {len(summary.labels)} categories in {data_dir} "
-            f"({summary.large_images} at 12 MP, {summary.exif_images} with EXIF rotation) "
-            f"in {time.perf_counter() - started:.0f} s"
-        )
+        print(f"    reusing {data_dir} (same seed and sizes)")
+        return data_dir
+    started = time.perf_counter()
+    summary = generate_dataset(data_dir, options, workers=2)
+    stamp.write_text(wanted)
+    total = sum(sum(c.values()) for c in summary.counts.values())
+    print(
+        f"    {total} photos of {len(summary.labels)} categories ({', '.join(summary.labels)}) in {data_dir}: "
+        f"{summary.large_images} at 12 MP, {summary.exif_images} with EXIF rotation, "
+        f"{time.perf_counter() - started:.0f} s"
+    )
+    return data_dir
 
-    _step("2/2 demo model")
-    from edge_demo.train import TrainingError, TrainOptions, train
 
+def _demo_model(work: Path, data_dir: Path, args: argparse.Namespace) -> bool | None:
+    """Train (or reuse) the demo model; True when it was trained now, None on failure."""
+    model_dir = work / "model"
     report_file = model_dir / "training.json"
-    if report_file.is_file() and not args.retrain and not stamp_changed(stamp, report_file):
+    stamp = data_dir / ".options.json"
+    _step(2, "demo model: a MobileNet-style classifier trained from scratch")
+    fresh = report_file.is_file() and stamp.stat().st_mtime <= report_file.stat().st_mtime
+    if fresh and not args.retrain:
         report = json.loads(report_file.read_text())
-        print(f"      reusing {model_dir} (use --retrain to train again)")
-        val, test = report.get("val_accuracy"), report.get("test_accuracy")
+        print(f"    reusing {model_dir} (use --retrain to train again)")
+        trained_now = False
     else:
-        train_options = TrainOptions(seed=args.seed) if args.epochs is None else TrainOptions(seed=args.seed, epochs=args.epochs)
-        try:
-            result = train(data_dir, model_dir, train_options, progress=sys.stdout.isatty(), overwrite=True)
-        except TrainingError as exc:
-            print(f"edge-demo: {exc}", file=sys.stderr)
-            return 2
-        val, test = result.val_accuracy, result.test_accuracy
-        print(f"      trained in {result.seconds:.0f} s, {result.epochs} epochs; SavedModel in {model_dir}")
-    print(f"      validation accuracy {val:.1%}" + (f", test accuracy {test:.1%}" if test is not None else ""))
-    return 0
+        from converter.progress import native_log_captured
+
+        with native_log_captured() as (log, _terminal):  # TensorFlow's C++ start-up chatter
+            from edge_demo.train import TrainingError, TrainOptions, train
+
+            options = TrainOptions(seed=args.seed) if args.epochs is None else TrainOptions(seed=args.seed, epochs=args.epochs)
+            try:
+                result = train(data_dir, model_dir, options, progress=False, overwrite=True)
+            except TrainingError as exc:
+                error = exc
+            else:
+                error = None
+        if error is not None:
+            print(f"edge-demo: {error}", file=sys.stderr)
+            return None
+        report = json.loads(report_file.read_text())
+        print(f"    trained {result.epochs} epochs in {result.seconds:.0f} s; SavedModel in {model_dir}")
+        trained_now = True
+    val, test = report.get("val_accuracy"), report.get("test_accuracy")
+    print(f"    validation accuracy {val:.1%}" + (f", test accuracy {test:.1%}" if test is not None else ""))
+    return trained_now
 
 
-def stamp_changed(stamp: Path, report_file: Path) -> bool:
-    """True when the data was regenerated after the model was trained."""
-    return stamp.stat().st_mtime > report_file.stat().st_mtime
+def _demo_bundle(work: Path, data_dir: Path, retrained: bool) -> bool:
+    keys = work / "keys"
+    bundle = work / "bundle-int8"
+    _step(3, "convert: SavedModel -> signed full-int8 TFLite bundle, validated against the SavedModel")
+    if not (keys / "publisher").is_file():
+        keys.mkdir(parents=True, exist_ok=True)
+        if _run(["edge-convert", "keygen", "--out", keys / "publisher"]) != 0:
+            return False
+    if (bundle / "manifest.json").is_file() and not retrained:
+        print(f"    reusing {bundle}; its report:")
+        return _run(["edge-convert", "inspect", bundle, "--public-key", keys / "publisher.pub"]) == 0
+    command = [
+        "edge-convert", work / "model", "--out", bundle, "--quantize", "int8",
+        "--calibration", data_dir / "train", "--validation", data_dir / "test",
+        "--name", "shop-demo", "--version", "1", "--sign-key", keys / "publisher", "--force",
+    ]
+    return _run(command) == 0
 
 
-def _step(title: str) -> None:
-    print(f"==> {title}", flush=True)
+def _demo_classify(work: Path, data_dir: Path) -> int:
+    _step(4, "classify on a device: install the bundle, then edge-classify good and bad photos")
+    device = work / "device"
+    if device.exists():
+        shutil.rmtree(device)  # a fresh device each run: a re-made bundle may reuse version 1
+    device.mkdir(parents=True)
+    shutil.copyfile(work / "keys" / "publisher.pub", device / "trusted.pub")  # the key pinned on the device
+    env = {"EDGE_CLASSIFY_HOME": str(device)}
+    status = _run(["edge-classify", "models", "install", work / "bundle-int8", "--use"], env)
+    if status != 0:
+        return 2
+    samples = work / "samples"
+    if samples.exists():
+        shutil.rmtree(samples)
+    samples.mkdir()
+    labels = (data_dir / "labels.txt").read_text().split()
+    for label in labels:
+        first = sorted((data_dir / "test" / label).glob("*.jpg"))[-1]
+        shutil.copyfile(first, samples / f"{label}.jpg")
+    (samples / "not-a-photo.jpg").write_text("a shopping list, saved with the wrong name\n")
+    good = (samples / labels[0]).with_suffix(".jpg").read_bytes()
+    (samples / "cut-off-upload.jpg").write_bytes(good[: len(good) // 3])
+    status = _run(["edge-classify", samples, "--top-k", "2"], env)
+    print(f"    (exit status {status}: 1 means some inputs were bad, as two are on purpose)")
+    return 0 if status in (0, 1) else status
+
+
+def _run(command: list[object], env: dict[str, str] | None = None) -> int:
+    """Print a command as a person would type it, then run it with this Python's scripts."""
+    words = [str(c) for c in command]
+    prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
+    print(f"    $ {prefix + ' ' if prefix else ''}{' '.join(shlex.quote(w) for w in words)}", flush=True)
+    scripts = Path(sys.executable).parent
+    executable = scripts / words[0]
+    if executable.exists():
+        words[0] = str(executable)
+    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"), **(env or {})}
+    completed = subprocess.run(words, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in completed.stdout.splitlines():
+        print(f"      {line}")
+    sys.stdout.flush()
+    return completed.returncode
+
+
+def _step(number: int, title: str) -> None:
+    print(f"==> {number}/{STEPS} {title}", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,11 @@ shared library that no desktop Linux wheel ships, so it is loaded from a path an
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import sys
+import tempfile
 import warnings
 from dataclasses import dataclass
 from importlib import metadata
@@ -109,9 +112,10 @@ def make_interpreter(
         try:
             if backend.load_delegate is None:
                 raise ValueError(f"{backend.name} cannot load delegates")
-            delegate = backend.load_delegate(gpu_delegate_path)
-            interpreter = backend.interpreter_class(experimental_delegates=[delegate], **kwargs)
-            interpreter.allocate_tensors()
+            with _quiet_native_log():
+                delegate = backend.load_delegate(gpu_delegate_path)
+                interpreter = backend.interpreter_class(experimental_delegates=[delegate], **kwargs)
+                interpreter.allocate_tensors()
             return interpreter, "gpu"
         except Exception as exc:  # the delegate library raises many kinds  # noqa: BLE001
             warnings.warn(
@@ -120,8 +124,9 @@ def make_interpreter(
                 stacklevel=2,
             )
     try:
-        interpreter = backend.interpreter_class(**kwargs)
-        interpreter.allocate_tensors()
+        with _quiet_native_log():
+            interpreter = backend.interpreter_class(**kwargs)
+            interpreter.allocate_tensors()
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"the interpreter could not load the model: {_one_line(exc)}") from exc
     return interpreter, "cpu"
@@ -130,6 +135,32 @@ def make_interpreter(
 def gpu_delegate_path(option: str | None = None) -> str | None:
     """The GPU delegate library from an option, else from `EDGE_CLASSIFY_GPU_DELEGATE`."""
     return option or os.environ.get(GPU_DELEGATE_ENV) or None
+
+
+@contextlib.contextmanager
+def _quiet_native_log():
+    """Hide the interpreter's C++ start-up lines ("INFO: Created TensorFlow Lite XNNPACK delegate")
+    from fd 2; if loading fails, they are passed on so the cause is not lost."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if failed:
+                sink.seek(0)
+                text = sink.read().decode("utf-8", "replace").strip()
+                if text:
+                    print(text, file=sys.stderr)
 
 
 def _one_line(exc: BaseException) -> str:
