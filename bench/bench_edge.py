@@ -52,18 +52,24 @@ def cold_start(bundle: Path, key: Path, photo: Path, runs: int) -> dict[str, flo
     exe = shutil.which("edge-classify", path=str(Path(sys.executable).parent)) or "edge-classify"
     walls, peaks = [], []
     env = dict(os.environ, EDGE_CLASSIFY_PUBLIC_KEY=str(key))
-    for _ in range(runs):
-        started = time.perf_counter()
-        process = subprocess.Popen(
-            [exe, str(photo), "--model", str(bundle), "--fallback", "never", "--json"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
-        )
-        _, status, usage = os.wait4(process.pid, 0)
-        walls.append(time.perf_counter() - started)
-        peaks.append(usage.ru_maxrss / 1024)  # KiB -> MiB on Linux
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise SystemExit(f"edge-classify failed: {process.stderr.read().decode()}")
-    return {"wall_s_median": statistics.median(walls), "wall_s_min": min(walls), "peak_mb_max": max(peaks)}
+    # Peak memory from GNU time: a forked child's ru_maxrss starts at the parent's high-water mark on
+    # Linux, so wait4() would report this benchmark's own memory, not edge-classify's.
+    gnu_time = shutil.which("time", path="/usr/bin:/bin")
+    with tempfile.NamedTemporaryFile("r") as report:
+        for _ in range(runs):
+            command = [exe, str(photo), "--model", str(bundle), "--fallback", "never", "--json"]
+            if gnu_time:
+                command = [gnu_time, "-q", "-f", "%M", "-o", report.name, *command]
+            started = time.perf_counter()
+            completed = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+            walls.append(time.perf_counter() - started)
+            if completed.returncode != 0:
+                raise SystemExit(f"edge-classify failed: {completed.stderr.decode()}")
+            if gnu_time:
+                report.seek(0)
+                peaks.append(int(report.read().split()[-1]) / 1024)  # KiB -> MiB
+    return {"wall_s_median": statistics.median(walls), "wall_s_min": min(walls),
+            "peak_mb_max": max(peaks) if peaks else float("nan")}
 
 
 def warm_latency(classifier, photos: list[Path], repeats: int) -> dict[str, float]:
