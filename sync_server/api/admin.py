@@ -1,0 +1,226 @@
+"""Admin endpoints (admin token): publish, models and versions, channels and rollouts, devices, telemetry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
+from starlette.datastructures import UploadFile
+from starlette.requests import Request as StarletteRequest
+from starlette.types import Message, Receive
+
+from ..bundles import remove_tree, staging_dir, unpack_archive
+from ..errors import BadRequestError, PayloadTooLargeError
+from ..rollout import check_channel_name
+from ..services import Services
+from . import auth
+from .schemas import ChannelVersion, DeviceUpdate, PauseRequest, RolloutRequest
+
+router = APIRouter(prefix="/v1", tags=["admin"], dependencies=[Depends(auth.admin)])
+
+_PUBLISH_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["bundle", "saved_model"],
+                    "properties": {
+                        "bundle": {"type": "string", "format": "binary", "description": "tar(.gz) of the bundle folder"},
+                        "saved_model": {"type": "string", "format": "binary", "description": "tar(.gz) of the SavedModel folder"},
+                        "channel": {"type": "string", "description": "also make it this channel's version"},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+# --- models and versions ---------------------------------------------------------------------------
+
+
+@router.post("/models", openapi_extra=_PUBLISH_DOC, status_code=201)
+async def publish(request: Request, state: Services = Depends(auth.services)) -> JSONResponse:
+    """Publish a signed bundle with its SavedModel (multipart: `bundle`, `saved_model` tars; optional `channel`).
+
+    201 with the version when new; 200 when the same version was already published; 409 when it exists
+    with other content; 422 when the bundle or SavedModel does not verify.
+    """
+    limit = state.config.limits.max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"the upload is {int(declared)} bytes; the limit is {limit} bytes (--max-upload-bytes)")
+    limited = StarletteRequest(request.scope, receive=_limited_receive(request.receive, limit))
+    try:
+        form = await limited.form(max_files=2, max_fields=4)
+    except PayloadTooLargeError:
+        raise
+    except Exception as exc:  # python-multipart's errors: not a multipart body, bad boundary, ...
+        raise BadRequestError(
+            f"the publish body must be multipart/form-data with 'bundle' and 'saved_model' files ({exc})", code="bad_upload"
+        ) from exc
+    staging = staging_dir(state.config.data_dir / "tmp")
+    try:
+        bundle = form.get("bundle")
+        saved_model = form.get("saved_model")
+        channel = form.get("channel")
+        for field, value in (("bundle", bundle), ("saved_model", saved_model)):
+            if not isinstance(value, UploadFile):
+                raise BadRequestError(
+                    f"the '{field}' file is missing: send the bundle and the SavedModel as tar archives "
+                    "(multipart fields 'bundle' and 'saved_model')",
+                    code="bad_upload",
+                )
+        if channel is not None and not isinstance(channel, str):
+            raise BadRequestError("the 'channel' field must be text", code="bad_upload")
+        if channel:
+            check_channel_name(channel)  # before any work: a bad name must not leave a half-done publish
+        bundle_dir = await anyio.to_thread.run_sync(
+            lambda: unpack_archive(bundle.file, staging / "bundle", max_bytes=limit, what="bundle")  # type: ignore[union-attr]
+        )
+        model_dir = await anyio.to_thread.run_sync(
+            lambda: unpack_archive(saved_model.file, staging / "saved_model", max_bytes=limit, what="SavedModel")  # type: ignore[union-attr]
+        )
+        return await _publish_dirs(state, bundle_dir, model_dir, channel or None)
+    finally:
+        await form.close()
+        await anyio.to_thread.run_sync(remove_tree, staging)
+
+
+async def _publish_dirs(state: Services, bundle_dir: Path, model_dir: Path, channel: str | None) -> JSONResponse:
+    result = await anyio.to_thread.run_sync(state.registry.publish, bundle_dir, model_dir)
+    body: dict[str, Any] = await anyio.to_thread.run_sync(lambda: state.registry.get_version(result.name, result.version, with_manifest=False))
+    body["created"] = result.created
+    if channel:
+        body["channel"] = await anyio.to_thread.run_sync(state.rollouts.set_version, result.name, channel, result.version)
+    return JSONResponse(body, status_code=201 if result.created else 200)
+
+
+def _limited_receive(receive: Receive, limit: int) -> Receive:
+    received = 0
+
+    async def wrapped() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise PayloadTooLargeError(f"the upload is larger than the limit of {limit} bytes (--max-upload-bytes)")
+        return message
+
+    return wrapped
+
+
+@router.get("/models")
+def list_models(state: Services = Depends(auth.services)) -> list[dict[str, Any]]:
+    """Every model with its versions and channels."""
+    return state.registry.list_models()
+
+
+@router.get("/models/{name}")
+def get_model(name: str, state: Services = Depends(auth.services)) -> dict[str, Any]:
+    return state.registry.get_model(name)
+
+
+@router.get("/models/{name}/versions/{version}")
+def get_version(name: str, version: int, state: Services = Depends(auth.services)) -> dict[str, Any]:
+    """A version: manifest, labels, content hashes and download URLs of its files."""
+    return state.registry.get_version(name, version)
+
+
+@router.get("/models/{name}/telemetry")
+def telemetry(name: str, version: int | None = Query(None, ge=1), state: Services = Depends(auth.services)) -> dict[str, Any]:
+    """Device telemetry summed per version: predictions, fallbacks, fallback rate, histogram, latency."""
+    return state.devices.telemetry_summary(name, version)
+
+
+# --- channels and rollouts -------------------------------------------------------------------------
+
+
+@router.get("/models/{name}/channels/{channel}")
+def get_channel(name: str, channel: str, state: Services = Depends(auth.services)) -> dict[str, Any]:
+    """The channel's version, rollout, history and devices per assigned version."""
+    return state.rollouts.get(name, channel)
+
+
+@router.put("/models/{name}/channels/{channel}")
+def set_channel(name: str, channel: str, body: ChannelVersion, state: Services = Depends(auth.services)) -> dict[str, Any]:
+    """Make `version` the channel's version for every device, now (creates the channel)."""
+    return state.rollouts.set_version(name, channel, body.version)
+
+
+@router.post("/models/{name}/channels/{channel}/rollout")
+def rollout(name: str, channel: str, body: RolloutRequest, state: Services = Depends(auth.services)) -> dict[str, Any]:
+    """Start a staged rollout of `version` to `percent` of the channel's devices, or change its percentage."""
+    return state.rollouts.start(
+        name, channel, body.version, body.percent, failure_threshold=body.failure_threshold, min_reports=body.min_reports
+    )
+
+
+@router.post("/models/{name}/channels/{channel}/rollout/promote")
+def promote(name: str, channel: str, state: Services = Depends(auth.services)) -> dict[str, Any]:
+    """The rollout's version becomes the channel's version for every device."""
+    return state.rollouts.promote(name, channel)
+
+
+@router.post("/models/{name}/channels/{channel}/rollout/pause")
+def pause(name: str, channel: str, body: PauseRequest | None = None, state: Services = Depends(auth.services)) -> dict[str, Any]:
+    """Stop sending the rollout's version to any device (they go back to the channel's version)."""
+    return state.rollouts.pause(name, channel, body.reason if body else None)
+
+
+@router.post("/models/{name}/channels/{channel}/rollout/resume")
+def resume(name: str, channel: str, state: Services = Depends(auth.services)) -> dict[str, Any]:
+    """Continue a paused rollout at its percentage."""
+    return state.rollouts.resume(name, channel)
+
+
+@router.post("/models/{name}/channels/{channel}/rollback")
+def rollback(name: str, channel: str, state: Services = Depends(auth.services)) -> dict[str, Any]:
+    """Drop the rollout in progress; with none, return the channel to its previous version."""
+    return state.rollouts.rollback(name, channel)
+
+
+# --- devices and TF Serving ------------------------------------------------------------------------
+
+
+@router.get("/devices")
+def list_devices(
+    model: str | None = None, channel: str | None = None, state: Services = Depends(auth.services)
+) -> list[dict[str, Any]]:
+    return state.devices.list(model, channel)
+
+
+@router.get("/devices/{device_id}")
+def get_device(device_id: str, state: Services = Depends(auth.services)) -> dict[str, Any]:
+    return state.devices.get(device_id)
+
+
+@router.patch("/devices/{device_id}")
+def update_device(device_id: str, body: DeviceUpdate, state: Services = Depends(auth.services)) -> dict[str, Any]:
+    """Move a device to another channel (its stream is told at once)."""
+    return state.devices.update(device_id, body.channel)
+
+
+@router.delete("/devices/{device_id}")
+def revoke_device(device_id: str, state: Services = Depends(auth.services)) -> dict[str, Any]:
+    """Revoke a device's token."""
+    return state.devices.revoke(device_id)
+
+
+@router.get("/serving")
+def serving(state: Services = Depends(auth.services)) -> dict[str, Any]:
+    """What the TF Serving config says, what is loaded, and any version that failed to load."""
+    return {
+        "config_file": str(state.repository.config_path),
+        "repository": str(state.repository.models_dir),
+        "base_path": state.repository.base_path,
+        "models": {name: served.to_dict() for name, served in state.repository.written().items()},
+        "available": {name: sorted(v) for name, v in state.reconciler.available.items()},
+        "problems": dict(state.reconciler.problems),
+    }

@@ -1,0 +1,124 @@
+"""Device endpoints: enrol, read the assignment (ETag/304), hold the push stream, report status and telemetry."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+import anyio
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+
+from ..devices import DeviceIdentity, require_own
+from ..errors import AuthenticationError
+from ..services import Services
+from . import auth
+from .schemas import EnrollRequest, StatusReport, TelemetryReport
+
+router = APIRouter(prefix="/v1/devices", tags=["devices"])
+
+
+@router.post("/enroll", status_code=201)
+def enroll(body: EnrollRequest, request: Request, state: Services = Depends(auth.services)) -> dict:
+    """Enrol a device with `Authorization: Bearer ENROLLMENT_SECRET`; answers its id and token (shown once)."""
+    try:
+        secret = auth.bearer_token(request)
+    except AuthenticationError as exc:
+        raise AuthenticationError("enrolment needs 'Authorization: Bearer ENROLLMENT_SECRET'", code=exc.code) from None
+    return state.devices.enroll(secret, body.model, body.channel, body.name)
+
+
+@router.get("/{device_id}/assignment")
+async def assignment(
+    device_id: str,
+    request: Request,
+    device: DeviceIdentity = Depends(auth.device),
+    state: Services = Depends(auth.services),
+) -> Response:
+    """The version this device should run, with its manifest and file URLs. ETag; 304 when unchanged."""
+    require_own(device, device_id)
+    current = await auth.current_assignment(state, device)
+    headers = {"ETag": current.etag, "Cache-Control": "no-cache"}
+    if _etag_matches(request.headers.get("if-none-match"), current.etag):
+        return Response(status_code=304, headers=headers)
+    view = await anyio.to_thread.run_sync(state.devices.assignment_view, current)
+    return JSONResponse(view, headers=headers)
+
+
+@router.get("/{device_id}/events", response_class=EventSourceResponse)
+async def events(
+    device_id: str,
+    request: Request,
+    device: DeviceIdentity = Depends(auth.device),
+    state: Services = Depends(auth.services),
+) -> AsyncIterator[ServerSentEvent]:
+    """Server-Sent Events: an `assignment` event now and whenever this device's assignment changes.
+
+    Each event's data is the same JSON as GET .../assignment and its id is the ETag. Comment lines keep
+    idle connections open. Reconnect on any error (polling the assignment with If-None-Match is the
+    fallback).
+    """
+    require_own(device, device_id)
+    subscription = state.hub.subscribe(device.model)
+    keepalive = state.config.sse_keepalive_s
+    last_etag = request.headers.get("last-event-id")
+    try:
+        first = True
+        while True:
+            try:
+                # From the database: the device may have been moved to another channel since it connected.
+                current = await anyio.to_thread.run_sync(state.devices.assignment, device)
+            except AuthenticationError:
+                yield ServerSentEvent(event="revoked", data={"device_id": device.id})
+                return
+            if current.etag != last_etag:
+                view = await anyio.to_thread.run_sync(state.devices.assignment_view, current)
+                yield ServerSentEvent(event="assignment", id=current.etag, data=view, retry=5000 if first else None)
+                last_etag = current.etag
+                first = False
+            if not await subscription.wait(keepalive):
+                yield ServerSentEvent(comment="keepalive")
+    finally:
+        state.hub.unsubscribe(subscription)
+
+
+@router.post("/{device_id}/status")
+def status(
+    device_id: str,
+    body: StatusReport,
+    device: DeviceIdentity = Depends(auth.device),
+    state: Services = Depends(auth.services),
+) -> dict:
+    """Report a version's load and smoke-test result; failures can pause a rollout."""
+    require_own(device, device_id)
+    return state.devices.record_status(
+        device,
+        body.version,
+        running=body.running,
+        load_ok=body.load_ok,
+        smoke_test_ok=body.smoke_test_ok,
+        message=body.message,
+        details=body.details,
+    )
+
+
+@router.post("/{device_id}/telemetry", status_code=202)
+def telemetry(
+    device_id: str,
+    body: TelemetryReport,
+    device: DeviceIdentity = Depends(auth.device),
+    state: Services = Depends(auth.services),
+) -> dict:
+    """Periodic counts, confidence histogram, fallback rate and latency."""
+    require_own(device, device_id)
+    return state.devices.record_telemetry(device, body.model_dump())
+
+
+def _etag_matches(header: str | None, etag: str) -> bool:
+    if not header:
+        return False
+    if header.strip() == "*":
+        return True
+    candidates = [c.strip().removeprefix("W/") for c in header.split(",")]
+    return etag in candidates
+

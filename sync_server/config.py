@@ -1,0 +1,303 @@
+"""`ServerConfig`: every option of the sync server, from defaults, `SYNC_SERVER_*` variables and flags.
+
+One table (`SETTINGS`) names each option once: its field in the config, its command-line flag, its
+environment variable, how to parse it and its help text. The CLI builds its flags from that table, so a
+flag and its variable cannot drift apart. Precedence: flag, then environment variable, then default.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .errors import ConfigError
+
+ENV_PREFIX = "SYNC_SERVER_"
+DATA_DIR_ENV = ENV_PREFIX + "DATA_DIR"
+
+MiB = 1 << 20
+
+
+def default_data_dir() -> Path:
+    """`$SYNC_SERVER_DATA_DIR`, else `$XDG_DATA_HOME/edge-classify/sync-server`, else under ~/.local/share."""
+    explicit = os.environ.get(DATA_DIR_ENV)
+    if explicit:
+        return Path(explicit).expanduser()
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "edge-classify" / "sync-server"
+
+
+@dataclass(frozen=True)
+class BatchingOptions:
+    """How concurrent predictions are combined into one backend call, as TF Serving's batching does.
+
+    A batch closes when it holds `max_batch_size` photos or `max_wait_ms` after its first photo;
+    at most `num_batch_threads` batches of one model version run at once (more wait and grow).
+    """
+
+    enabled: bool = True
+    max_batch_size: int = 32
+    max_wait_ms: float = 2.0
+    num_batch_threads: int = 2
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    """The largest request bodies the server reads; larger ones get 413 before they are stored."""
+
+    max_upload_bytes: int = 1024 * MiB  # a publish: bundle + SavedModel archives together
+    max_image_bytes: int = 20 * MiB  # one photo for the fallback
+    max_image_pixels: int = 50_000_000  # checked from the header, before decoding
+    max_json_bytes: int = 1 * MiB  # status, telemetry and admin calls
+
+
+@dataclass(frozen=True)
+class TFServingOptions:
+    """Where TF Serving runs and how to talk to it. Without `url` the embedded predictor answers."""
+
+    url: str | None = None
+    base_path: str | None = None  # the model repository as TF Serving sees it (default: our local path)
+    timeout_s: float = 10.0  # one predict call
+    connect_timeout_s: float = 1.0
+    retries: int = 2  # extra tries after a connection error (never after TF Serving answered)
+    retry_backoff_s: float = 0.05
+    retry_after_s: int = 5  # what a 503 tells the device
+    load_timeout_s: float = 300.0  # how long to wait for a version to load before leaving its label as it was
+    status_poll_s: float = 1.0  # how often to ask TF Serving whether a version is loaded
+
+
+@dataclass(frozen=True)
+class RolloutOptions:
+    """When a staged rollout pauses itself: more than `failure_threshold` of at least `min_reports` reports failed."""
+
+    failure_threshold: float = 0.2
+    min_reports: int = 5
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the sync server needs to run; build it with `ServerConfig.load` or directly."""
+
+    data_dir: Path = field(default_factory=default_data_dir)
+    database_url: str | None = None  # default: SQLite in the data directory
+    host: str = "127.0.0.1"
+    port: int = 8080
+    admin_token: str | None = None  # default: generated once into DATA/admin-token
+    enrollment_secret: str | None = None  # default: generated once into DATA/enrollment-secret
+    publisher_keys: tuple[Path, ...] = ()  # trusted Ed25519 public keys (and every file in DATA/trusted-keys/)
+    tf_serving: TFServingOptions = field(default_factory=TFServingOptions)
+    batching: BatchingOptions = field(default_factory=BatchingOptions)
+    limits: UploadLimits = field(default_factory=UploadLimits)
+    rollout: RolloutOptions = field(default_factory=RolloutOptions)
+    push_poll_s: float = 1.0  # how often to look for changes made by other server instances
+    sse_keepalive_s: float = 15.0
+    embedded_max_loaded: int = 4  # SavedModels the embedded predictor keeps in memory
+    embedded_preload: bool = True  # load the versions channels use as soon as they are set
+    auto_migrate: bool = True
+    log_level: str = "info"
+    log_format: str = "json"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())
+        object.__setattr__(self, "publisher_keys", tuple(Path(p).expanduser() for p in self.publisher_keys))
+        _check(self)
+
+    # --- derived paths ------------------------------------------------------------------------
+
+    @property
+    def resolved_database_url(self) -> str:
+        """`database_url`, or the embedded SQLite file in the data directory."""
+        return self.database_url or f"sqlite:///{self.data_dir / 'sync-server.db'}"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "artifacts"
+
+    @property
+    def serving_dir(self) -> Path:
+        """Holds the TF Serving model repository (`models/NAME/VERSION/`) and `models.config`."""
+        return self.data_dir / "tf-serving"
+
+    @property
+    def trusted_keys_dir(self) -> Path:
+        return self.data_dir / "trusted-keys"
+
+    # --- building -------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> "ServerConfig":
+        """Defaults, overridden by `SYNC_SERVER_*` variables, overridden by `flags` (setting name -> value).
+
+        `flags` holds already-parsed values keyed by setting name (the `dest` of each CLI flag);
+        None means "not given". Raises ConfigError naming the variable or flag that is wrong.
+        """
+        environ = os.environ if environ is None else environ
+        flags = flags or {}
+        values: dict[str, Any] = {}
+        for setting in SETTINGS:
+            if flags.get(setting.name) is not None:
+                values[setting.name] = flags[setting.name]
+            elif setting.env in environ and environ[setting.env] != "":
+                try:
+                    values[setting.name] = setting.parse(environ[setting.env])
+                except (ValueError, TypeError) as exc:
+                    raise ConfigError(f"{setting.env}={environ[setting.env]!r}: {exc}") from None
+        return build_config(values)
+
+    def with_secrets(self) -> "ServerConfig":
+        """This config with the admin token and enrolment secret filled in from the data directory.
+
+        Missing secrets are generated once (random, 0600 files) so that a server on embedded defaults
+        is never open; `sync-server path` prints where they are.
+        """
+        admin = self.admin_token or _stored_secret(self.data_dir / "admin-token")
+        enroll = self.enrollment_secret or _stored_secret(self.data_dir / "enrollment-secret")
+        return replace(self, admin_token=admin, enrollment_secret=enroll)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The settings table
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _bool(text: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected on/off, true/false, yes/no or 1/0")
+
+
+def _paths(text: str) -> tuple[Path, ...]:
+    return tuple(Path(p) for p in str(text).split(os.pathsep) if p)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One option: `name` is the dotted field in ServerConfig (`batching.max_batch_size`)."""
+
+    name: str
+    flag: str
+    parse: Callable[[str], Any]
+    help: str
+    metavar: str | None = None
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.flag.lstrip("-").replace("-", "_").upper()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("data_dir", "--data-dir", Path, "where the database, artifacts and TF Serving repository live", "DIR"),
+    Setting("database_url", "--database-url", str, "SQLAlchemy URL, e.g. postgresql+psycopg://host/db (default: SQLite in the data dir)", "URL"),
+    Setting("host", "--host", str, "address to listen on (default 127.0.0.1)"),
+    Setting("port", "--port", int, "port to listen on (default 8080)"),
+    Setting("admin_token", "--admin-token", str, "bearer token for admin calls (default: generated into DATA/admin-token)", "TOKEN"),
+    Setting("enrollment_secret", "--enrollment-secret", str, "secret devices present to enrol (default: generated into DATA/enrollment-secret)", "SECRET"),
+    Setting("publisher_keys", "--publisher-keys", _paths, f"trusted Ed25519 public key files, separated by '{os.pathsep}' (plus every file in DATA/trusted-keys/)", "PATHS"),
+    Setting("tf_serving.url", "--tf-serving-url", str, "TF Serving REST address, e.g. http://tf-serving:8501 (default: embedded predictor)", "URL"),
+    Setting("tf_serving.base_path", "--tf-serving-base-path", str, "the model repository's path as TF Serving sees it (default: the local path)", "PATH"),
+    Setting("tf_serving.timeout_s", "--tf-serving-timeout", float, "seconds one TF Serving predict call may take (default 10)", "S"),
+    Setting("tf_serving.retries", "--tf-serving-retries", int, "retries after a connection error (default 2)", "N"),
+    Setting("tf_serving.retry_after_s", "--retry-after", int, "Retry-After seconds sent with 503 when the backend is down (default 5)", "S"),
+    Setting("tf_serving.load_timeout_s", "--tf-serving-load-timeout", float, "seconds to wait for TF Serving to load a version before giving up on its label (default 300)", "S"),
+    Setting("tf_serving.status_poll_s", "--tf-serving-status-poll", float, "seconds between model status checks while a version loads (default 1)", "S"),
+    Setting("batching.enabled", "--batching", _bool, "combine concurrent predictions into batches: on or off (default on)", "on|off"),
+    Setting("batching.max_batch_size", "--max-batch-size", int, "largest batch (default 32)", "N"),
+    Setting("batching.max_wait_ms", "--max-batch-wait-ms", float, "longest a photo waits for its batch to fill (default 2)", "MS"),
+    Setting("batching.num_batch_threads", "--num-batch-threads", int, "batches of one model version running at once (default 2)", "N"),
+    Setting("limits.max_upload_bytes", "--max-upload-bytes", int, "largest publish upload (default 1 GiB)", "BYTES"),
+    Setting("limits.max_image_bytes", "--max-image-bytes", int, "largest photo for the fallback (default 20 MiB)", "BYTES"),
+    Setting("limits.max_image_pixels", "--max-image-pixels", int, "most pixels in a photo (default 50 million)", "N"),
+    Setting("rollout.failure_threshold", "--rollout-failure-threshold", float, "failed fraction of device reports that pauses a rollout (default 0.2)", "F"),
+    Setting("rollout.min_reports", "--rollout-min-reports", int, "reports needed before a rollout can pause itself (default 5)", "N"),
+    Setting("push_poll_s", "--push-poll", float, "seconds between checks for changes made by other instances (default 1)", "S"),
+    Setting("embedded_max_loaded", "--embedded-max-loaded", int, "SavedModels the embedded predictor keeps loaded (default 4)", "N"),
+    Setting("embedded_preload", "--embedded-preload", _bool, "load versions in use before their first request: on or off (default on)", "on|off"),
+    Setting("auto_migrate", "--auto-migrate", _bool, "upgrade the database schema at start: on or off (default on)", "on|off"),
+    Setting("log_level", "--log-level", str, "debug, info, warning or error (default info)", "LEVEL"),
+    Setting("log_format", "--log-format", str, "json (one object a line) or text (default json)", "FORMAT"),
+)
+
+
+def build_config(values: Mapping[str, Any]) -> ServerConfig:
+    """A ServerConfig from setting names (dotted for nested options) and parsed values."""
+    top: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for name, value in values.items():
+        if "." in name:
+            group, key = name.split(".", 1)
+            nested.setdefault(group, {})[key] = value
+        else:
+            top[name] = value
+    defaults = ServerConfig.__dataclass_fields__
+    for group, changes in nested.items():
+        factory = defaults[group].default_factory  # type: ignore[misc]
+        top[group] = replace(factory(), **changes)
+    try:
+        return ServerConfig(**top)
+    except TypeError as exc:
+        raise ConfigError(f"bad server configuration: {exc}") from None
+
+
+def _check(config: ServerConfig) -> None:
+    def positive(value: float, what: str, allow_zero: bool = False) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (value == 0 and not allow_zero):
+            raise ConfigError(f"{what} must be a positive number, got {value!r}")
+
+    if not 0 < config.port < 65536:
+        raise ConfigError(f"the port must be 1..65535, got {config.port}")
+    positive(config.batching.max_batch_size, "the maximum batch size")
+    positive(config.batching.max_wait_ms, "the maximum batch wait", allow_zero=True)
+    positive(config.batching.num_batch_threads, "the number of batch threads")
+    positive(config.limits.max_upload_bytes, "the upload limit")
+    positive(config.limits.max_image_bytes, "the photo size limit")
+    positive(config.limits.max_image_pixels, "the photo pixel limit")
+    positive(config.tf_serving.timeout_s, "the TF Serving timeout")
+    positive(config.tf_serving.retries, "the TF Serving retries", allow_zero=True)
+    positive(config.push_poll_s, "the push poll interval")
+    positive(config.embedded_max_loaded, "the number of loaded SavedModels")
+    if not 0 <= config.rollout.failure_threshold <= 1:
+        raise ConfigError(f"the rollout failure threshold must be 0..1, got {config.rollout.failure_threshold}")
+    if config.tf_serving.url is not None and not config.tf_serving.url.startswith(("http://", "https://")):
+        raise ConfigError(f"the TF Serving URL must start with http:// or https://, got {config.tf_serving.url!r}")
+    if config.log_format not in ("json", "text"):
+        raise ConfigError(f"the log format must be json or text, got {config.log_format!r}")
+    if config.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"the log level must be debug, info, warning or error, got {config.log_level!r}")
+    for name in ("admin_token", "enrollment_secret"):
+        value = getattr(config, name)
+        if value is not None and len(value) < 16:
+            raise ConfigError(f"the {name.replace('_', ' ')} must be at least 16 characters")
+
+
+def _stored_secret(path: Path) -> str:
+    """The secret in `path`, created (random, mode 0600) the first time."""
+    try:
+        existing = path.read_text(encoding="utf-8").strip()
+        if existing:
+            return existing
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    value = secrets.token_urlsafe(32)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process was faster: use its secret
+        return path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc}") from exc
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(value + "\n")
+    return value
+
+
+def config_fields() -> list[str]:
+    """Names of ServerConfig's top-level fields (for docs and tests)."""
+    return [f.name for f in fields(ServerConfig)]

@@ -1,0 +1,151 @@
+"""The database: an engine for SQLite (embedded default) or PostgreSQL, sessions, and migrations.
+
+SQLite runs in WAL mode with a busy timeout, and write transactions start with `BEGIN IMMEDIATE` so
+two writers queue instead of failing half-way. On PostgreSQL, migrations hold an advisory lock, so
+several instances starting together upgrade the schema once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from sqlalchemy import create_engine, event, select, text, update
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from .errors import ConfigError
+from .models import ServerState
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+_ADVISORY_LOCK_ID = 0x5E_C1A5_51F7  # "edge-classify sync-server migrations"
+REVISION_KEY = "assignment_revision"
+
+
+class Database:
+    """An engine plus the two kinds of sessions the server uses (read and write)."""
+
+    def __init__(self, url: str) -> None:
+        try:
+            parsed = make_url(url)
+        except ArgumentError as exc:
+            raise ConfigError(f"the database URL {url!r} cannot be parsed: {exc}") from None
+        self.url = url
+        self.dialect = parsed.get_backend_name()
+        if self.dialect == "sqlite":
+            database = parsed.database
+            if database and database != ":memory:":
+                Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            self.engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+            _configure_sqlite(self.engine)
+        elif self.dialect == "postgresql":
+            if parsed.drivername == "postgresql":  # plain postgresql:// means psycopg 3 here, not psycopg2
+                url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+            self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        else:
+            raise ConfigError(f"unsupported database {self.dialect!r}: use sqlite:///PATH or postgresql://...")
+        self._reader = sessionmaker(self.engine, expire_on_commit=False)
+        self._writer = sessionmaker(self.engine.execution_options(sqlite_begin="IMMEDIATE"), expire_on_commit=False)
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Session]:
+        """A session for reading; rolled back at the end."""
+        with self._reader() as session:
+            try:
+                yield session
+            finally:
+                session.rollback()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Session]:
+        """A session whose transaction commits at the end (rolled back on an exception)."""
+        with self._writer() as session:
+            with session.begin():
+                yield session
+
+    def migrate(self) -> None:
+        """Upgrade the schema to the newest migration (idempotent)."""
+        from alembic import command
+        from alembic.config import Config
+
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS_DIR))
+        try:
+            with self.engine.connect() as connection:
+                if self.dialect == "postgresql":
+                    connection.execute(text("SELECT pg_advisory_lock(:id)"), {"id": _ADVISORY_LOCK_ID})
+                    connection.commit()
+                try:
+                    config.attributes["connection"] = connection
+                    command.upgrade(config, "head")
+                    connection.commit()
+                finally:
+                    if self.dialect == "postgresql":
+                        connection.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": _ADVISORY_LOCK_ID})
+                        connection.commit()
+        except OperationalError as exc:
+            raise ConfigError(f"cannot reach the database {self.safe_url}: {_first_line(exc)}") from exc
+
+    def check(self) -> None:
+        """Raise if the database cannot answer `SELECT 1`."""
+        with self.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+
+    def revision(self) -> int:
+        """The shared assignment revision: it grows with every change that can alter an assignment."""
+        with self.read() as session:
+            value = session.scalar(select(ServerState.value).where(ServerState.key == REVISION_KEY))
+            return int(value or 0)
+
+    @property
+    def safe_url(self) -> str:
+        return make_url(self.url).render_as_string(hide_password=True)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def bump_revision(session: Session) -> None:
+    """Advance the shared assignment revision inside the caller's write transaction."""
+    result = session.execute(
+        update(ServerState).where(ServerState.key == REVISION_KEY).values(value=ServerState.value + 1)
+    )
+    if result.rowcount == 0:  # type: ignore[attr-defined]
+        session.add(ServerState(key=REVISION_KEY, value=1))
+
+
+def as_utc(moment: datetime | None) -> datetime | None:
+    """SQLite hands datetimes back without a zone; they were written in UTC."""
+    if moment is None:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def iso(moment: datetime | None) -> str | None:
+    moment = as_utc(moment)
+    return moment.isoformat().replace("+00:00", "Z") if moment else None
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves (below)
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection) -> None:  # type: ignore[no-untyped-def]
+        mode = connection.get_execution_options().get("sqlite_begin", "DEFERRED")
+        connection.exec_driver_sql(f"BEGIN {mode}")
+
+
+def _first_line(exc: SQLAlchemyError) -> str:
+    text_ = str(getattr(exc, "orig", exc) or exc)
+    return text_.strip().splitlines()[0] if text_.strip() else type(exc).__name__

@@ -1,0 +1,331 @@
+"""Devices: enrolment, token authentication, assignments, status reports and telemetry.
+
+A device enrols once with the enrolment secret and gets an id and a token; the server keeps only the
+token's SHA-256. Every later call carries `Authorization: Bearer TOKEN`. A device follows one model on
+one channel; its assignment is the version `rollout.assigned_version` picks for it, with an ETag that
+changes exactly when the answer does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from .db import Database, as_utc, bump_revision, iso
+from .errors import AuthenticationError, NotFoundError, PermissionDeniedError
+from .models import Channel, Device, DeviceStatus, Model, utcnow
+from .registry import files_view, find_model, find_version
+from .rollout import DEFAULT_CHANNEL, Rollouts, assigned_version, check_channel_name
+
+TOKEN_PREFIX = "dt_"
+_LAST_SEEN_EVERY = timedelta(seconds=60)
+#: Identities and channel states are cached this long at most; any change empties the cache at once
+#: (here, or within `push_poll_s` when made by another instance).
+_CACHE_TTL_S = 60.0
+
+
+@dataclass(frozen=True)
+class DeviceIdentity:
+    """Who is calling: an authenticated, not revoked device."""
+
+    id: str
+    model: str
+    model_id: int
+    channel: str
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What a device should run now; `etag` changes exactly when the rest does."""
+
+    device_id: str
+    model: str
+    channel: str
+    version: int | None
+    rollout: bool
+    etag: str
+
+
+@dataclass(frozen=True)
+class ChannelState:
+    """What an assignment needs of a channel, detached from the database session."""
+
+    name: str
+    version: int | None
+    rollout_version: int | None
+    rollout_percent: float | None
+    rollout_state: str | None
+
+    @classmethod
+    def of(cls, channel: Channel | None) -> "ChannelState | None":
+        if channel is None:
+            return None
+        return cls(channel.name, channel.version, channel.rollout_version, channel.rollout_percent, channel.rollout_state)
+
+
+def _assignment(device: DeviceIdentity, channel_name: str, channel: ChannelState | None) -> Assignment:
+    version, in_rollout = assigned_version(channel, device.model, device.id)  # type: ignore[arg-type]
+    key = f"{device.model}|{channel_name}|{version}|{int(in_rollout)}"
+    etag = '"' + hashlib.sha256(key.encode("utf-8")).hexdigest()[:32] + '"'
+    return Assignment(device.id, device.model, channel_name, version, in_rollout, etag)
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+class Devices:
+    """Device records, their tokens, assignments and reports."""
+
+    def __init__(self, db: Database, rollouts: Rollouts, enrollment_secret: str, on_change: Callable[[str], None] | None = None) -> None:
+        self.db = db
+        self.rollouts = rollouts
+        self._enrollment_secret = enrollment_secret
+        self.on_change = on_change or (lambda _model: None)
+        self._lock = threading.Lock()
+        self._generation = 0
+        self._identities: dict[str, tuple[float, DeviceIdentity]] = {}
+        self._channels: dict[tuple[int, str], tuple[float, ChannelState | None]] = {}
+        self._views: dict[tuple[str, int], dict[str, Any]] = {}
+
+    # --- enrolment and authentication -----------------------------------------------------------
+
+    def enroll(self, secret: str | None, model: str, channel: str | None, name: str | None) -> dict[str, Any]:
+        """A new device id and token, if `secret` is the enrolment secret."""
+        if not secret or not hmac.compare_digest(secret.encode("utf-8"), self._enrollment_secret.encode("utf-8")):
+            raise AuthenticationError("the enrolment secret is wrong", code="bad_enrollment_secret")
+        channel = check_channel_name(channel or DEFAULT_CHANNEL)
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        device_id = "dev_" + secrets.token_hex(8)
+        with self.db.write() as session:
+            model_row = find_model(session, model)
+            session.add(Device(id=device_id, name=name, model_id=model_row.id, channel=channel, token_sha256=token_hash(token)))
+        return {"device_id": device_id, "token": token, "model": model, "channel": channel}
+
+    def cached_identity(self, token: str) -> DeviceIdentity | None:
+        """The device holding `token` if it was authenticated recently and nothing changed since (no I/O)."""
+        entry = self._identities.get(token_hash(token))
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    def authenticate(self, token: str) -> DeviceIdentity | None:
+        """The device holding `token`, or None when no device has it (revoked devices raise)."""
+        digest = token_hash(token)
+        generation = self._generation
+        with self.db.read() as session:
+            row = session.execute(
+                select(Device.id, Device.revoked, Device.channel, Device.model_id, Device.last_seen_at, Model.name)
+                .join(Model, Model.id == Device.model_id)
+                .where(Device.token_sha256 == digest)
+            ).first()
+        if row is None:
+            return None
+        if row.revoked:
+            raise AuthenticationError(f"device {row.id} was revoked; enrol it again", code="revoked_token")
+        seen = as_utc(row.last_seen_at)
+        if seen is None or utcnow() - seen > _LAST_SEEN_EVERY:
+            with self.db.write() as session:
+                device = session.get(Device, row.id)
+                if device is not None:
+                    device.last_seen_at = utcnow()
+        identity = DeviceIdentity(row.id, row.name, row.model_id, row.channel)
+        with self._lock:
+            if generation == self._generation:
+                self._identities[digest] = (time.monotonic() + _CACHE_TTL_S, identity)
+        return identity
+
+    def invalidate(self) -> None:
+        """Forget cached identities and channels: something that can change an assignment changed."""
+        with self._lock:
+            self._generation += 1
+            self._identities.clear()
+            self._channels.clear()
+
+    # --- assignment -----------------------------------------------------------------------------
+
+    def cached_assignment(self, device: DeviceIdentity) -> Assignment | None:
+        """The assignment from cached channel state, or None when it must be read (no I/O)."""
+        entry = self._channels.get((device.model_id, device.channel))
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return _assignment(device, device.channel, entry[1])
+
+    def assignment(self, device: DeviceIdentity) -> Assignment:
+        """Which version `device` should run; cheap (no manifest), so ETag checks stay fast."""
+        generation = self._generation
+        with self.db.read() as session:
+            current = session.execute(
+                select(Device.channel, Device.revoked).where(Device.id == device.id)
+            ).first()
+            if current is None or current.revoked:
+                raise AuthenticationError(f"device {device.id} is no longer enrolled", code="revoked_token")
+            row = session.scalar(select(Channel).where(Channel.model_id == device.model_id, Channel.name == current.channel))
+            state = ChannelState.of(row)
+        with self._lock:
+            if generation == self._generation and current.channel == device.channel:
+                self._channels[(device.model_id, current.channel)] = (time.monotonic() + _CACHE_TTL_S, state)
+        return _assignment(device, current.channel, state)
+
+    def assignment_view(self, assignment: Assignment) -> dict[str, Any]:
+        """The assignment with the version's manifest and its content-addressed file URLs."""
+        view: dict[str, Any] = {
+            "device_id": assignment.device_id,
+            "model": assignment.model,
+            "channel": assignment.channel,
+            "version": assignment.version,
+            "rollout": assignment.rollout,
+            "manifest": None,
+            "files": None,
+        }
+        if assignment.version is not None:
+            key = (assignment.model, assignment.version)
+            cached = self._views.get(key)
+            if cached is None:  # versions never change: keep their manifest and file list
+                with self.db.read() as session:
+                    row = find_version(session, assignment.model, assignment.version)
+                    cached = {"manifest": row.manifest, "files": files_view(row)}
+                self._views[key] = cached
+            view.update(cached)
+        return view
+
+    # --- reports --------------------------------------------------------------------------------
+
+    def record_status(
+        self,
+        device: DeviceIdentity,
+        version: int,
+        *,
+        running: bool,
+        load_ok: bool,
+        smoke_test_ok: bool | None,
+        message: str | None,
+        details: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        """Store the device's report about `version`; may pause a failing rollout."""
+        paused = None
+        with self.db.write() as session:
+            model = find_model(session, device.model)
+            find_version(session, device.model, version)
+            if running:  # only one version runs at a time
+                for other in session.scalars(
+                    select(DeviceStatus).where(DeviceStatus.device_id == device.id, DeviceStatus.version != version)
+                ):
+                    other.running = False
+            row = session.get(DeviceStatus, (device.id, version))
+            if row is None:
+                row = DeviceStatus(device_id=device.id, version=version)
+                session.add(row)
+            row.running = running
+            row.load_ok = load_ok
+            row.smoke_test_ok = smoke_test_ok
+            row.message = message
+            row.details = details
+            row.reported_at = utcnow()
+            session.flush()
+            channel = session.scalar(select(Device.channel).where(Device.id == device.id)) or device.channel
+            paused = self.rollouts.check_failures(session, model, channel, version)
+        if paused:
+            self.on_change(device.model)
+        return {"recorded": True, "rollout_paused": paused}
+
+    def record_telemetry(self, device: DeviceIdentity, report: dict[str, Any]) -> dict[str, Any]:
+        """Store one periodic telemetry report (see `telemetry.record`)."""
+        from . import telemetry
+
+        return telemetry.record(self.db, device.id, device.model, report)
+
+    def telemetry_summary(self, model: str, version: int | None = None) -> dict[str, Any]:
+        """Telemetry summed over devices, per version (see `telemetry.summary`)."""
+        from . import telemetry
+
+        return telemetry.summary(self.db, model, version)
+
+    # --- admin ----------------------------------------------------------------------------------
+
+    def list(self, model: str | None = None, channel: str | None = None) -> list[dict[str, Any]]:
+        with self.db.read() as session:
+            query = select(Device, Model.name).join(Model, Model.id == Device.model_id).order_by(Device.created_at)
+            if model is not None:
+                query = query.where(Model.name == model)
+            if channel is not None:
+                query = query.where(Device.channel == channel)
+            return [self._view(session, device, name) for device, name in session.execute(query).all()]
+
+    def get(self, device_id: str) -> dict[str, Any]:
+        with self.db.read() as session:
+            device = self._find(session, device_id)
+            return self._view(session, device, device.model.name)
+
+    def update(self, device_id: str, channel: str) -> dict[str, Any]:
+        check_channel_name(channel)
+        with self.db.write() as session:
+            device = self._find(session, device_id)
+            device.channel = channel
+            bump_revision(session)
+            session.flush()
+            model = device.model.name
+            view = self._view(session, device, model)
+        self.on_change(model)
+        return view
+
+    def revoke(self, device_id: str) -> dict[str, Any]:
+        with self.db.write() as session:
+            device = self._find(session, device_id)
+            device.revoked = True
+            bump_revision(session)
+            model = device.model.name
+        self.on_change(model)
+        return {"device_id": device_id, "revoked": True}
+
+    @staticmethod
+    def _find(session: Session, device_id: str) -> Device:
+        device = session.get(Device, device_id)
+        if device is None:
+            raise NotFoundError(f"unknown device {device_id!r}", code="unknown_device")
+        return device
+
+    @staticmethod
+    def _view(session: Session, device: Device, model: str) -> dict[str, Any]:
+        channel = session.scalar(select(Channel).where(Channel.model_id == device.model_id, Channel.name == device.channel))
+        version, in_rollout = assigned_version(channel, model, device.id)
+        statuses = session.scalars(select(DeviceStatus).where(DeviceStatus.device_id == device.id)).all()
+        running = next((s for s in statuses if s.running), None)
+        return {
+            "device_id": device.id,
+            "name": device.name,
+            "model": model,
+            "channel": device.channel,
+            "revoked": device.revoked,
+            "created_at": iso(device.created_at),
+            "last_seen_at": iso(device.last_seen_at),
+            "assigned_version": version,
+            "rollout": in_rollout,
+            "running_version": running.version if running else None,
+            "status": [
+                {
+                    "version": s.version,
+                    "running": s.running,
+                    "load_ok": s.load_ok,
+                    "smoke_test_ok": s.smoke_test_ok,
+                    "message": s.message,
+                    "reported_at": iso(s.reported_at),
+                }
+                for s in sorted(statuses, key=lambda s: s.version)
+            ],
+        }
+
+
+def require_own(device: DeviceIdentity, device_id: str) -> None:
+    """A device may read and report only for itself."""
+    if device.id != device_id:
+        raise PermissionDeniedError(f"device {device.id} may not act for device {device_id}", code="forbidden")

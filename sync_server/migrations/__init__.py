@@ -1,0 +1,1 @@
+"""Alembic migrations of the sync server's schema; `Database.migrate()` runs them to `head`."""

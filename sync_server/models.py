@@ -1,0 +1,180 @@
+"""The database schema, as SQLAlchemy 2 ORM classes. Migrations in `migrations/versions/` create it.
+
+    models ─┬─ model_versions ── version_files      a published bundle: manifest, labels, float spec,
+            │                                       and the content hash of each bundle file
+            ├─ channels ── rollout_events           per-model channels: the version, the previous one,
+            │                                       a staged rollout (candidate, percent, state)
+            └─ devices ─┬─ device_status            the latest load / smoke-test report per version
+                        └─ telemetry                periodic counts, confidence histogram, latency
+    server_state                                    counters shared by all instances (assignment revision)
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Model(Base):
+    """A model name; versions and channels hang off it."""
+
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    versions: Mapped[list["ModelVersion"]] = relationship(back_populates="model", order_by="ModelVersion.version")
+    channels: Mapped[list["Channel"]] = relationship(back_populates="model", order_by="Channel.name")
+
+
+class ModelVersion(Base):
+    """One published, verified bundle and its SavedModel; immutable once written."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("model_id", "version", name="uq_model_versions_model_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    manifest_sha256: Mapped[str] = mapped_column(String(64))
+    manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
+    saved_model_digest: Mapped[str] = mapped_column(String(64))
+    labels: Mapped[list[str]] = mapped_column(JSON)
+    float_spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    model: Mapped[Model] = relationship(back_populates="versions")
+    files: Mapped[list["VersionFile"]] = relationship(back_populates="model_version", order_by="VersionFile.name")
+
+
+class VersionFile(Base):
+    """A file of a bundle, stored by content hash in the artifact store."""
+
+    __tablename__ = "version_files"
+
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+
+    model_version: Mapped[ModelVersion] = relationship(back_populates="files")
+
+
+class Channel(Base):
+    """A named stream of versions of one model (`stable`, `canary`, ...) and its staged rollout, if any."""
+
+    __tablename__ = "channels"
+    __table_args__ = (UniqueConstraint("model_id", "name", name="uq_channels_model_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    previous_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    rollout_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    rollout_percent: Mapped[float | None] = mapped_column(Float, nullable=True)
+    rollout_state: Mapped[str | None] = mapped_column(String(16), nullable=True)  # active | paused
+    rollout_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    rollout_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    failure_threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
+    min_reports: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    model: Mapped[Model] = relationship(back_populates="channels")
+
+
+class RolloutEvent(Base):
+    """The history of a channel: every set, rollout, promote, pause, resume and rollback."""
+
+    __tablename__ = "rollout_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    channel_id: Mapped[int] = mapped_column(ForeignKey("channels.id", ondelete="CASCADE"), index=True)
+    action: Mapped[str] = mapped_column(String(32))
+    version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    percent: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Device(Base):
+    """An enrolled device: the model it runs, its channel, and the hash of its token."""
+
+    __tablename__ = "devices"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    channel: Mapped[str] = mapped_column(String(64))
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_seen_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    model: Mapped[Model] = relationship()
+
+
+class DeviceStatus(Base):
+    """A device's latest report about one version: did it load, did its smoke test pass."""
+
+    __tablename__ = "device_status"
+
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    running: Mapped[bool] = mapped_column(Boolean, default=False)
+    load_ok: Mapped[bool] = mapped_column(Boolean)
+    smoke_test_ok: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    reported_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Telemetry(Base):
+    """One periodic telemetry report of a device."""
+
+    __tablename__ = "telemetry"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    period_s: Mapped[float] = mapped_column(Float)
+    predictions: Mapped[int] = mapped_column(BigInteger)
+    fallbacks: Mapped[int] = mapped_column(BigInteger)
+    errors: Mapped[int] = mapped_column(BigInteger, default=0)
+    fallback_rate: Mapped[float | None] = mapped_column(Float, nullable=True)
+    latency_p50_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    latency_p99_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    confidence_histogram: Mapped[list[int]] = mapped_column(JSON)
+
+
+class ServerState(Base):
+    """Named counters shared by every instance; `assignment_revision` grows with every assignment change."""
+
+    __tablename__ = "server_state"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -1,0 +1,108 @@
+"""The full-model fallback: photo bytes in, the full model's top-k out.
+
+The photo is prepared by `preprocessing.preprocess` with the version's *float* spec (the SavedModel's
+input), on a worker thread, then goes through the batcher (or straight to the backend when batching is
+off) to the predictor: the embedded SavedModel or TF Serving.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import anyio
+import numpy as np
+
+from preprocessing import DecodeLimits, InvalidImageError, preprocess
+
+from ..config import BatchingOptions, UploadLimits
+from ..errors import InvalidPhotoError
+from .base import Predictor
+from .batching import Batcher
+
+#: Largest top_k the API accepts.
+MAX_TOP_K = 100
+
+
+@dataclass(frozen=True)
+class Category:
+    label: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The full model's answer for one photo."""
+
+    model: str
+    version: int
+    top_k: tuple[Category, ...]
+    latency_ms: float
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "model": {"name": self.model, "version": self.version},
+            "top_k": [{"label": c.label, "score": round(c.score, 6)} for c in self.top_k],
+            "latency_ms": round(self.latency_ms, 2),
+        }
+
+
+class PredictionService:
+    """Prepares photos and asks the predictor, batching concurrent requests per version."""
+
+    def __init__(
+        self,
+        predictor: Predictor,
+        version_info: Callable[[str, int], object],
+        batching: BatchingOptions,
+        limits: UploadLimits,
+        on_batch: Callable[[object, int, float], None] | None = None,
+        prepare_threads: int = 8,
+        *,
+        cached_info: Callable[[str, int], object | None] | None = None,
+    ) -> None:
+        self.predictor = predictor
+        self._version_info = version_info
+        self._cached_info = cached_info or (lambda _name, _version: None)
+        self._decode_limits = DecodeLimits(max_pixels=limits.max_image_pixels, max_bytes=limits.max_image_bytes)
+        self._on_batch = on_batch
+        self._prepare_limiter = anyio.CapacityLimiter(prepare_threads)
+        self.batcher = Batcher(self._run_batch, batching, on_batch) if batching.enabled else None
+
+    async def predict(self, name: str, version: int, photo: bytes, top_k: int) -> Prediction:
+        started = time.perf_counter()
+        info = self._cached_info(name, version) or await anyio.to_thread.run_sync(self._version_info, name, version)
+        x = await anyio.to_thread.run_sync(self._prepare, photo, info.float_spec, limiter=self._prepare_limiter)  # type: ignore[attr-defined]
+        if self.batcher is not None:
+            probabilities = await self.batcher.submit((name, version), x)
+        else:
+            batch_started = time.perf_counter()
+            probabilities = (await self.predictor.predict(name, version, x[None]))[0]
+            if self._on_batch is not None:
+                self._on_batch((name, version), 1, time.perf_counter() - batch_started)
+        labels = info.labels  # type: ignore[attr-defined]
+        if len(probabilities) != len(labels):
+            from ..errors import BackendFailedError
+
+            raise BackendFailedError(
+                f"version {version} of model {name} answered {len(probabilities)} scores for {len(labels)} labels"
+            )
+        order = np.argsort(-probabilities, kind="stable")[: max(1, min(top_k, len(labels)))]
+        top = tuple(Category(labels[i], float(probabilities[i])) for i in order)
+        return Prediction(name, version, top, (time.perf_counter() - started) * 1000.0)
+
+    def _prepare(self, photo: bytes, spec) -> np.ndarray:  # type: ignore[no-untyped-def]
+        try:
+            return preprocess(photo, spec, limits=self._decode_limits)
+        except InvalidImageError as exc:
+            raise InvalidPhotoError(exc.code, exc.message) from exc
+
+    async def _run_batch(self, key: object, batch: np.ndarray) -> np.ndarray:
+        name, version = key  # type: ignore[misc]
+        return await self.predictor.predict(name, version, batch)
+
+    async def aclose(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.aclose()
+        await self.predictor.aclose()

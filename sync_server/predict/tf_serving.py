@@ -1,0 +1,208 @@
+"""A client of TensorFlow Serving's REST API, and the predictor that uses it.
+
+    POST {url}/v1/models/NAME[/versions/N | /labels/L]:predict   {"instances": [...]} -> {"predictions": [...]}
+    GET  {url}/v1/models/NAME                                     {"model_version_status": [...]}
+
+Errors come back as `{"error": "message"}` with an HTTP status mapped from the gRPC code (404 NOT_FOUND,
+400 INVALID_ARGUMENT and FAILED_PRECONDITION, 503 UNAVAILABLE, ...). Only connection errors are
+retried (nothing reached TF Serving); a timeout or an answer is final. A server that cannot be
+reached, times out, or has not loaded the version yet becomes `BackendUnavailableError` (503 with
+Retry-After); any other refusal becomes `BackendFailedError` (502).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import urllib.parse
+
+import httpx
+import numpy as np
+
+from ..config import TFServingOptions
+from ..errors import BackendFailedError, BackendUnavailableError
+from .json_tensor import encode_float_tensor
+
+log = logging.getLogger("sync_server.tf_serving")
+
+#: Outputs looked for, in order, when a signature has several.
+OUTPUT_NAMES = ("probabilities", "probability", "scores", "output_0")
+
+
+class TFServingClient:
+    """Talks to one TF Serving REST endpoint. `transport` replaces the network (tests)."""
+
+    def __init__(self, options: TFServingOptions, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        if not options.url:
+            raise ValueError("TFServingClient needs options.url")
+        self.options = options
+        self.url = options.url.rstrip("/")
+        timeout = httpx.Timeout(options.timeout_s, connect=options.connect_timeout_s)
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
+        self._http = httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport)
+
+    async def predict(
+        self,
+        name: str,
+        instances: np.ndarray,
+        *,
+        version: int | None = None,
+        label: str | None = None,
+        signature_name: str | None = None,
+    ) -> np.ndarray:
+        """The model's output for a batch, in row format; float32 [N, ...]."""
+        if version is not None and label is not None:
+            raise ValueError("ask for a version or a label, not both")
+        path = f"/v1/models/{_segment(name)}"
+        if version is not None:
+            path += f"/versions/{int(version)}"
+        elif label is not None:
+            path += f"/labels/{_segment(label)}"
+        body = '{"instances":' + encode_float_tensor(instances)
+        if signature_name:
+            body += ',"signature_name":' + json.dumps(signature_name)
+        body += "}"
+        response = await self._send("POST", path + ":predict", content=body.encode("utf-8"))
+        data = _json(response)
+        if response.status_code != 200:
+            raise self._error(response.status_code, data, what=_servable(name, version, label))
+        try:
+            return _predictions(data)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BackendFailedError(f"TF Serving's predict answer could not be read: {exc}") from exc
+
+    async def model_status(self, name: str) -> dict[int, str]:
+        """{version: state} for a model; {} when TF Serving does not know the model (yet)."""
+        response = await self._send("GET", f"/v1/models/{_segment(name)}")
+        data = _json(response)
+        if response.status_code == 404:
+            return {}
+        if response.status_code != 200:
+            raise self._error(response.status_code, data, what=f"the status of model {name}")
+        try:
+            return {int(item["version"]): str(item.get("state", "UNKNOWN")) for item in data.get("model_version_status", [])}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BackendFailedError(f"TF Serving's model status answer could not be read: {exc}") from exc
+
+    async def ping(self) -> str | None:
+        """None when TF Serving's REST server answers at all, else why not (one try, 2 s)."""
+        try:
+            response = await self._http.get(self.url + "/v1/models/_readiness_probe", timeout=2.0)
+        except httpx.HTTPError as exc:
+            return f"TF Serving at {self.url} is unreachable ({_reason(exc)})"
+        # Any answer below 500 (404 for the probe's made-up model) means the REST server is up.
+        return None if response.status_code < 500 else f"TF Serving at {self.url} answered HTTP {response.status_code}"
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # --- internals ------------------------------------------------------------------------------
+
+    async def _send(self, method: str, path: str, content: bytes | None = None) -> httpx.Response:
+        headers = {"Content-Type": "application/json"} if content is not None else None
+        attempts = 1 + max(0, self.options.retries)
+        for attempt in range(attempts):
+            try:
+                return await self._http.request(method, self.url + path, content=content, headers=headers)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                if attempt + 1 < attempts:
+                    await asyncio.sleep(self.options.retry_backoff_s * (2**attempt))
+                    continue
+                raise BackendUnavailableError(
+                    f"TF Serving at {self.url} is unreachable ({_reason(exc)}); try again shortly",
+                    retry_after_s=self.options.retry_after_s,
+                ) from exc
+            except httpx.TimeoutException as exc:
+                raise BackendUnavailableError(
+                    f"TF Serving at {self.url} did not answer within {self.options.timeout_s:g} s",
+                    retry_after_s=self.options.retry_after_s,
+                    code="backend_timeout",
+                ) from exc
+            except httpx.TransportError as exc:
+                raise BackendUnavailableError(
+                    f"the connection to TF Serving at {self.url} failed ({_reason(exc)})",
+                    retry_after_s=self.options.retry_after_s,
+                ) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _error(self, status: int, data: object, what: str) -> Exception:
+        message = data.get("error") if isinstance(data, dict) else None
+        message = str(message or f"HTTP {status}")
+        not_loaded = status == 404 or "Unrecognized servable version label" in message
+        if not_loaded:
+            return BackendUnavailableError(
+                f"TF Serving has not loaded {what} yet ({message})",
+                retry_after_s=self.options.retry_after_s,
+                code="version_not_loaded",
+            )
+        if status in (429, 503):
+            return BackendUnavailableError(
+                f"TF Serving is overloaded or unavailable ({message})", retry_after_s=self.options.retry_after_s
+            )
+        return BackendFailedError(f"TF Serving refused {what}: {message}")
+
+
+class TFServingPredictor:
+    """The `Predictor` backed by TF Serving: asks for each version by number."""
+
+    kind = "tf_serving"
+
+    def __init__(self, client: TFServingClient) -> None:
+        self.client = client
+
+    async def predict(self, name: str, version: int, batch: np.ndarray) -> np.ndarray:
+        return await self.client.predict(name, batch, version=version)
+
+    async def model_status(self, name: str) -> dict[int, str]:
+        return await self.client.model_status(name)
+
+    async def ready(self) -> str | None:
+        return await self.client.ping()
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+def _predictions(data: object) -> np.ndarray:
+    if not isinstance(data, dict):
+        raise TypeError("the answer is not a JSON object")
+    if "predictions" in data:
+        rows = data["predictions"]
+        if rows and isinstance(rows[0], dict):  # several named outputs: a list of objects
+            key = next((k for k in OUTPUT_NAMES if k in rows[0]), sorted(rows[0])[0])
+            rows = [row[key] for row in rows]
+    elif "outputs" in data:
+        rows = data["outputs"]
+        if isinstance(rows, dict):
+            key = next((k for k in OUTPUT_NAMES if k in rows), sorted(rows)[0])
+            rows = rows[key]
+    else:
+        raise KeyError("neither 'predictions' nor 'outputs' in the answer")
+    array = np.asarray(rows, dtype=np.float32)
+    if array.ndim != 2:
+        raise ValueError(f"expected [batch, classes] probabilities, got shape {array.shape}")
+    return array
+
+
+def _json(response: httpx.Response) -> object:
+    try:
+        return response.json()
+    except ValueError:
+        return {"error": response.text[:500]} if response.status_code != 200 else None
+
+
+def _segment(text: str) -> str:
+    return urllib.parse.quote(str(text), safe="")
+
+
+def _servable(name: str, version: int | None, label: str | None) -> str:
+    if version is not None:
+        return f"version {version} of model {name}"
+    if label is not None:
+        return f"label {label!r} of model {name}"
+    return f"model {name}"
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc).strip() or type(exc).__name__

@@ -1,0 +1,221 @@
+"""The model registry: publish verified bundles with their SavedModels, and look them up.
+
+Publishing is idempotent: the same bundle and SavedModel published again answer with the existing
+version; the same name and version with other content is refused (409 `version_conflict`). Files go
+in place before the database row is written, so every recorded version has its artifacts and its
+SavedModel folder in the TF Serving repository.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, selectinload
+
+from preprocessing import PreprocessSpec
+
+from .artifacts import ArtifactStore
+from .bundles import check_saved_model, verify_bundle
+from .db import Database, iso
+from .errors import ConflictError, NotFoundError
+from .models import Model, ModelVersion, VersionFile
+from .serving_repo import ServingRepository
+
+log = logging.getLogger("sync_server.registry")
+
+ARTIFACTS_URL = "/v1/artifacts/"
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    """What a publish did: `created` is False when the same version was already there."""
+
+    name: str
+    version: int
+    created: bool
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """What the fallback needs to serve a version: its float spec and labels (immutable, so cached)."""
+
+    name: str
+    version: int
+    float_spec: PreprocessSpec
+    labels: tuple[str, ...]
+
+
+class Registry:
+    """Published models and versions."""
+
+    def __init__(self, db: Database, artifacts: ArtifactStore, repository: ServingRepository, keys: Sequence[Any]) -> None:
+        self.db = db
+        self.artifacts = artifacts
+        self.repository = repository
+        self.keys = list(keys)
+        self._publish_lock = threading.Lock()
+        self._infos: dict[tuple[str, int], VersionInfo] = {}
+
+    # --- publishing -----------------------------------------------------------------------------
+
+    def publish(self, bundle_dir: Path, saved_model_dir: Path) -> PublishResult:
+        """Verify and store a bundle and its SavedModel; see the module docstring."""
+        bundle = verify_bundle(Path(bundle_dir), self.keys)
+        saved_model = check_saved_model(Path(saved_model_dir), bundle)
+        with self._publish_lock:  # one publish at a time in this process; the DB guards across processes
+            existing = self._existing(bundle.name, bundle.version)
+            if existing is not None:
+                return self._same_or_conflict(existing, bundle.manifest_sha256, saved_model.digest, bundle.name, bundle.version)
+            stored = {name: self.artifacts.put_file(path) for name, path in bundle.files.items()}
+            self.repository.install(bundle.name, bundle.version, saved_model.path, saved_model.digest)
+            try:
+                with self.db.write() as session:
+                    model = session.scalar(select(Model).where(Model.name == bundle.name))
+                    if model is None:
+                        model = Model(name=bundle.name)
+                        session.add(model)
+                        session.flush()
+                    row = ModelVersion(
+                        model_id=model.id,
+                        version=bundle.version,
+                        manifest_sha256=bundle.manifest_sha256,
+                        manifest=bundle.manifest,
+                        saved_model_digest=saved_model.digest,
+                        labels=list(bundle.labels),
+                        float_spec=bundle.float_spec.to_dict(),
+                    )
+                    session.add(row)
+                    session.flush()
+                    for name, artifact in stored.items():
+                        session.add(VersionFile(version_id=row.id, name=name, sha256=artifact.sha256, size=artifact.size))
+            except IntegrityError:  # another instance published the same version meanwhile
+                existing = self._existing(bundle.name, bundle.version)
+                if existing is None:
+                    raise
+                return self._same_or_conflict(existing, bundle.manifest_sha256, saved_model.digest, bundle.name, bundle.version)
+        log.info("published", extra={"model": bundle.name, "version": bundle.version, "key_id": bundle.key_id})
+        return PublishResult(bundle.name, bundle.version, True)
+
+    def _existing(self, name: str, version: int) -> tuple[str, str] | None:
+        with self.db.read() as session:
+            row = session.execute(
+                select(ModelVersion.manifest_sha256, ModelVersion.saved_model_digest)
+                .join(Model)
+                .where(Model.name == name, ModelVersion.version == version)
+            ).first()
+            return (row[0], row[1]) if row else None
+
+    @staticmethod
+    def _same_or_conflict(existing: tuple[str, str], manifest_sha256: str, digest: str, name: str, version: int) -> PublishResult:
+        if existing == (manifest_sha256, digest):
+            return PublishResult(name, version, False)
+        which = "bundle" if existing[0] != manifest_sha256 else "SavedModel"
+        raise ConflictError(
+            f"version {version} of model {name} already exists with a different {which}; "
+            "publish the new model as a new version",
+            code="version_conflict",
+        )
+
+    # --- reading --------------------------------------------------------------------------------
+
+    def list_models(self) -> list[dict[str, Any]]:
+        with self.db.read() as session:
+            models = session.scalars(
+                select(Model).options(selectinload(Model.versions), selectinload(Model.channels)).order_by(Model.name)
+            ).all()
+            from .rollout import channel_view
+
+            return [
+                {
+                    "name": m.name,
+                    "created_at": iso(m.created_at),
+                    "versions": [v.version for v in m.versions],
+                    "channels": {c.name: channel_view(m.name, c) for c in m.channels},
+                }
+                for m in models
+            ]
+
+    def get_model(self, name: str) -> dict[str, Any]:
+        for model in self.list_models():  # small: a handful of models per server
+            if model["name"] == name:
+                return model
+        raise NotFoundError(f"unknown model {name!r}", code="unknown_model")
+
+    def get_version(self, name: str, version: int, *, with_manifest: bool = True) -> dict[str, Any]:
+        with self.db.read() as session:
+            row = find_version(session, name, version)
+            return version_view(name, row, with_manifest=with_manifest)
+
+    def cached_version_info(self, name: str, version: int) -> VersionInfo | None:
+        """`version_info` if it was read before (no I/O)."""
+        return self._infos.get((name, version))
+
+    def version_info(self, name: str, version: int) -> VersionInfo:
+        """The float spec and labels of a version (cached: versions never change)."""
+        found = self._infos.get((name, version))
+        if found is not None:
+            return found
+        with self.db.read() as session:
+            row = find_version(session, name, version)
+            info = VersionInfo(name, version, PreprocessSpec.from_dict(row.float_spec), tuple(row.labels))
+        self._infos[(name, version)] = info
+        return info
+
+    def versions_with_artifact(self, sha256: str) -> list[tuple[str, int]]:
+        """Every (model, version) whose bundle holds the artifact with this content hash."""
+        with self.db.read() as session:
+            rows = session.execute(
+                select(Model.name, ModelVersion.version)
+                .join(ModelVersion, ModelVersion.model_id == Model.id)
+                .join(VersionFile, VersionFile.version_id == ModelVersion.id)
+                .where(VersionFile.sha256 == sha256)
+            ).all()
+            return [(r[0], r[1]) for r in rows]
+
+
+def find_model(session: Session, name: str) -> Model:
+    model = session.scalar(select(Model).where(Model.name == name))
+    if model is None:
+        raise NotFoundError(f"unknown model {name!r}", code="unknown_model")
+    return model
+
+
+def find_version(session: Session, name: str, version: int) -> ModelVersion:
+    model = find_model(session, name)
+    row = session.scalar(
+        select(ModelVersion)
+        .options(selectinload(ModelVersion.files))
+        .where(ModelVersion.model_id == model.id, ModelVersion.version == version)
+    )
+    if row is None:
+        known = session.scalars(select(ModelVersion.version).where(ModelVersion.model_id == model.id).order_by(ModelVersion.version)).all()
+        listing = ", ".join(str(v) for v in known) or "none"
+        raise NotFoundError(f"model {name!r} has no version {version} (published: {listing})", code="unknown_version")
+    return row
+
+
+def files_view(row: ModelVersion) -> dict[str, dict[str, Any]]:
+    return {f.name: {"sha256": f.sha256, "size": f.size, "url": ARTIFACTS_URL + f.sha256} for f in row.files}
+
+
+def version_view(name: str, row: ModelVersion, *, with_manifest: bool = True) -> dict[str, Any]:
+    view: dict[str, Any] = {
+        "name": name,
+        "version": row.version,
+        "created_at": iso(row.created_at),
+        "manifest_sha256": row.manifest_sha256,
+        "saved_model_digest": row.saved_model_digest,
+        "labels": list(row.labels),
+        "quantization": row.manifest.get("quantization"),
+        "confidence_threshold": row.manifest.get("confidence_threshold"),
+        "files": files_view(row),
+    }
+    if with_manifest:
+        view["manifest"] = row.manifest
+    return view

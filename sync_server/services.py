@@ -1,0 +1,158 @@
+"""`Services`: every long-lived part of a server, built from one `ServerConfig`, started and stopped together.
+
+The HTTP app holds one (`app.state.services`); the CLI builds one to publish without a running server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from .artifacts import ArtifactStore
+from .bundles import load_trusted_keys
+from .config import ServerConfig
+from .db import Database
+from .devices import Devices
+from .metrics import Metrics
+from .predict.base import Predictor
+from .push import PushHub, watch_revision
+from .registry import Registry
+from .rollout import Rollouts
+from .serving_repo import ServingRepository
+from .serving_sync import ServingReconciler
+
+log = logging.getLogger("sync_server")
+
+
+@dataclass
+class Services:
+    """The server's parts. Build with `Services.build(config)`; `start()`/`stop()` run the background tasks."""
+
+    config: ServerConfig
+    db: Database
+    artifacts: ArtifactStore
+    repository: ServingRepository
+    registry: Registry
+    rollouts: Rollouts
+    devices: Devices
+    hub: PushHub
+    reconciler: ServingReconciler
+    metrics: Metrics
+    predictor: Predictor | None = None
+    prediction: Any = None  # PredictionService, built by `start` (needs the event loop's thread)
+    _tasks: list[asyncio.Task] = field(default_factory=list)
+    #: Runs the background tasks' database reads; joined at `stop` so none outlives the engine.
+    _background: concurrent.futures.ThreadPoolExecutor = field(
+        default_factory=lambda: concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="sync-server-bg")
+    )
+
+    @classmethod
+    def build(cls, config: ServerConfig, *, predictor: Predictor | None = None, with_predictor: bool = True) -> "Services":
+        config = config.with_secrets()
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        db = Database(config.resolved_database_url)
+        artifacts = ArtifactStore(config.artifacts_dir)
+        repository = ServingRepository(config.serving_dir, config.tf_serving.base_path)
+        keys = load_trusted_keys(config.publisher_keys, config.trusted_keys_dir)
+        registry = Registry(db, artifacts, repository, keys)
+        hub = PushHub()
+        metrics = Metrics()
+        if predictor is None and with_predictor:
+            from .predict import make_predictor
+
+            predictor = make_predictor(config, repository)
+
+        refs: dict[str, Any] = {}
+
+        def changed(model: str) -> None:
+            refs["devices"].invalidate()  # first: woken streams must see the new state
+            hub.notify(model)
+            refs["reconciler"].trigger()
+
+        rollouts = Rollouts(db, config.rollout, on_change=changed)
+        devices = Devices(db, rollouts, config.enrollment_secret or "", on_change=changed)
+        refs["devices"] = devices
+        preload = getattr(predictor, "preload", None) if config.embedded_preload else None
+        background = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="sync-server-bg")
+        reconciler = ServingReconciler(
+            rollouts.desired_serving,
+            repository,
+            model_status=predictor.model_status if (predictor is not None and config.tf_serving.url) else None,
+            load_timeout_s=config.tf_serving.load_timeout_s,
+            poll_s=config.tf_serving.status_poll_s,
+            preload=preload,
+            executor=background,
+        )
+        refs["reconciler"] = reconciler
+        return cls(
+            config, db, artifacts, repository, registry, rollouts, devices, hub, reconciler, metrics, predictor,
+            _background=background,
+        )
+
+    async def start(self) -> None:
+        """Migrate the database, then start the push watcher, the TF Serving reconciler and batching."""
+        from .predict.service import PredictionService
+
+        if self.config.auto_migrate:
+            await asyncio.to_thread(self.db.migrate)
+        loop = asyncio.get_running_loop()
+        self.hub.bind(loop)
+        if self.predictor is not None:
+            kind = self.predictor.kind
+
+            def on_batch(_key: object, size: int, seconds: float) -> None:
+                self.metrics.batch_size.labels(kind).observe(size)
+                self.metrics.batch_seconds.labels(kind).observe(seconds)
+
+            self.prediction = PredictionService(
+                self.predictor, self.registry.version_info, self.config.batching, self.config.limits, on_batch,
+                cached_info=self.registry.cached_version_info,
+            )
+
+        async def read_revision() -> int:
+            return await loop.run_in_executor(self._background, self.db.revision)
+
+        def remote_change() -> None:
+            self.devices.invalidate()
+            self.hub.notify(None)
+            self.reconciler.trigger()
+
+        self._tasks = [
+            asyncio.create_task(watch_revision(read_revision, self.config.push_poll_s, remote_change), name="push-watch"),
+            asyncio.create_task(self.reconciler.run(), name="serving-reconciler"),
+        ]
+        log.info(
+            "sync-server started",
+            extra={
+                "data_dir": str(self.config.data_dir),
+                "database": self.db.safe_url,
+                "backend": self.predictor.kind if self.predictor else None,
+                "tf_serving_url": self.config.tf_serving.url,
+                "tf_serving_config": str(self.repository.config_path),
+                "trusted_keys": len(self.registry.keys),
+            },
+        )
+
+    def close(self) -> None:
+        """Release what `build` made, for a Services that was never started (the CLI's local publish)."""
+        self._background.shutdown(wait=True)
+        self.db.dispose()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        self._tasks = []
+        await asyncio.get_running_loop().run_in_executor(None, self._background.shutdown, True)
+        if self.prediction is not None:
+            await self.prediction.aclose()
+        elif self.predictor is not None:
+            await self.predictor.aclose()
+        self.db.dispose()
