@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 DEFAULT_WORKDIR = Path("demo-output")
-STEPS = 4
+STEPS = 5
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,9 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     if status is None:
         return 2
     retrained = status
-    if not _demo_bundle(work, data_dir, retrained):
+    converted = _demo_bundle(work, data_dir, retrained)
+    if converted is None:
         return 2
-    return _demo_classify(work, data_dir)
+    status = _demo_classify(work, data_dir)
+    if status != 0:
+        return status
+    return _demo_server(work, fresh=converted)
 
 
 def _demo_data(work: Path, args: argparse.Namespace) -> Path:
@@ -107,23 +111,24 @@ def _demo_model(work: Path, data_dir: Path, args: argparse.Namespace) -> bool | 
     return trained_now
 
 
-def _demo_bundle(work: Path, data_dir: Path, retrained: bool) -> bool:
+def _demo_bundle(work: Path, data_dir: Path, retrained: bool) -> bool | None:
+    """Convert (or reuse) the bundle; True when it was made now, None on failure."""
     keys = work / "keys"
     bundle = work / "bundle-int8"
     _step(3, "convert: SavedModel -> signed full-int8 TFLite bundle, validated against the SavedModel")
     if not (keys / "publisher").is_file():
         keys.mkdir(parents=True, exist_ok=True)
         if _run(["edge-convert", "keygen", "--out", keys / "publisher"]) != 0:
-            return False
+            return None
     if (bundle / "manifest.json").is_file() and not retrained:
         print(f"    reusing {bundle}; its report:")
-        return _run(["edge-convert", "inspect", bundle, "--public-key", keys / "publisher.pub"]) == 0
+        return False if _run(["edge-convert", "inspect", bundle, "--public-key", keys / "publisher.pub"]) == 0 else None
     command = [
         "edge-convert", work / "model", "--out", bundle, "--quantize", "int8",
         "--calibration", data_dir / "train", "--validation", data_dir / "test",
         "--name", "shop-demo", "--version", "1", "--sign-key", keys / "publisher", "--force",
     ]
-    return _run(command) == 0
+    return True if _run(command) == 0 else None
 
 
 def _demo_classify(work: Path, data_dir: Path) -> int:
@@ -153,15 +158,77 @@ def _demo_classify(work: Path, data_dir: Path) -> int:
     return 0 if status in (0, 1) else status
 
 
+def _demo_server(work: Path, fresh: bool) -> int:
+    _step(5, "sync server on embedded defaults: publish the bundle, ask the full model")
+    data = work / "sync-server"
+    if fresh and data.exists():
+        shutil.rmtree(data)  # a re-made bundle reuses version 1: start the registry afresh
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    common = ["--data-dir", data, "--publisher-keys", work / "keys" / "publisher.pub"]
+    command = ["sync-server", "serve", *common, "--port", str(port), "--log-format", "text", "--log-level", "warning"]
+    print(f"    $ {' '.join(shlex.quote(str(w)) for w in command)} &", flush=True)
+    log = (work / "sync-server.log").open("w")
+    server = subprocess.Popen([_executable("sync-server"), *map(str, command[1:])], stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    try:
+        if not _wait_ready(url, server, timeout_s=90):
+            print(f"edge-demo: the sync server did not start; see {work / 'sync-server.log'}", file=sys.stderr)
+            return 2
+        print(f"      ready on {url}")
+        status = _run(["sync-server", "publish", work / "bundle-int8", "--saved-model", work / "model",
+                       "--channel", "stable", "--server", url, "--data-dir", data])
+        if status != 0:
+            return 2
+        photo = work / "samples" / "backpack.jpg"
+        status = _run(["sync-server", "predict", photo, "--model", "shop-demo", "--server", url, "--data-dir", data])
+        return 0 if status == 0 else 2
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_ready(url: str, process: subprocess.Popen, timeout_s: float) -> bool:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.3)
+    return False
+
+
+def _executable(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
 def _run(command: list[object], env: dict[str, str] | None = None) -> int:
     """Print a command as a person would type it, then run it with this Python's scripts."""
     words = [str(c) for c in command]
     prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
     print(f"    $ {prefix + ' ' if prefix else ''}{' '.join(shlex.quote(w) for w in words)}", flush=True)
-    scripts = Path(sys.executable).parent
-    executable = scripts / words[0]
-    if executable.exists():
-        words[0] = str(executable)
+    words[0] = _executable(words[0])
     full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"), **(env or {})}
     completed = subprocess.run(words, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in completed.stdout.splitlines():
