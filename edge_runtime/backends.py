@@ -36,9 +36,17 @@ class Backend:
     """An importable TFLite interpreter implementation."""
 
     name: str
-    version: str
+    distribution: str
     interpreter_class: Callable[..., Any]
     load_delegate: Callable[..., Any] | None
+
+    @property
+    def version(self) -> str:
+        """The installed distribution's version (looked up on demand: it costs a scan of site-packages)."""
+        try:
+            return metadata.version(self.distribution)
+        except metadata.PackageNotFoundError:
+            return "unknown"
 
     def describe(self) -> str:
         """`ai-edge-litert 2.3.0`: what `--version` and `--verbose` print."""
@@ -76,11 +84,7 @@ def find_backend(preferred: str | None = None) -> Backend:
         else:
             interpreter_class = module.Interpreter
             load_delegate = getattr(module, "load_delegate", None)
-        try:
-            version = metadata.version(distribution)
-        except metadata.PackageNotFoundError:
-            version = "unknown"
-        backend = Backend(name, version, interpreter_class, load_delegate)
+        backend = Backend(name, distribution, interpreter_class, load_delegate)
         if preferred is None:
             _cached = backend
         return backend

@@ -93,7 +93,6 @@ def _classify(argv: list[str]) -> int:
         parser.error("--timeout must be positive")
 
     from .classifier import Classifier, ClassifierOptions
-    from .fallback import FallbackClient, FallbackOptions
     from .pipeline import PipelineOptions, classify_paths
 
     try:
@@ -103,6 +102,8 @@ def _classify(argv: list[str]) -> int:
         )
         fallback = None
         if args.server and args.fallback != "never":
+            from .fallback import FallbackClient, FallbackOptions
+
             fallback = FallbackClient(FallbackOptions(args.server, args.timeout, os.environ.get(TOKEN_ENV)))
         pipeline = PipelineOptions(workers=args.workers, fallback=args.fallback, threshold=args.threshold)
     except ValueError as exc:

@@ -12,7 +12,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 
@@ -20,8 +20,10 @@ from preprocessing import InvalidImageError, preprocess, read_source
 
 from .classifier import Classifier
 from .errors import FallbackUnavailableError
-from .fallback import FallbackClient
 from .results import Classification
+
+if TYPE_CHECKING:  # the fallback client pulls in urllib and ssl: only load it when a server is used
+    from .fallback import FallbackClient
 
 FALLBACK_MODES = ("auto", "never", "always")
 

@@ -1,0 +1,241 @@
+"""`edge-agent`: enrol this device, run the agent, show where it stands.
+
+    edge-agent enroll --server URL --secret SECRET [--model NAME] [--channel C] [--name N] [--public-key KEY]
+    edge-agent run [--port P] [--host H] [--poll-interval S] [--no-push] [--policy availability|resource] ...
+    edge-agent status [--json]
+    edge-agent path
+
+Every command takes --home DIR (default `$EDGE_CLASSIFY_HOME`, the store `edge-classify` uses).
+Exit status: 0 on success, 2 for a usage error, an unreachable or refusing server, or a device that
+is not enrolled (always one line on stderr, never a traceback); 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import urllib.request
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..errors import EdgeRuntimeError
+
+EXIT_OK, EXIT_ERROR = 0, 2
+SECRET_ENV = "EDGE_AGENT_ENROLLMENT_SECRET"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # usage errors: one line, exit 2
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_ERROR)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `edge-agent`; returns the exit status."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    try:
+        args = parser.parse_args(args_list)
+        if not getattr(args, "command", None):
+            parser.print_help()
+            return EXIT_ERROR
+        return int(args.run(args) or EXIT_OK)
+    except EdgeRuntimeError as exc:
+        print(f"edge-agent: {_one_line(str(exc))}", file=sys.stderr)
+        return EXIT_ERROR
+    except ValueError as exc:  # a bad option value caught by the options' checks
+        print(f"edge-agent: error: {_one_line(str(exc))}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:
+        print(f"edge-agent: {_one_line(exc.strerror or str(exc))}" + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
+        return EXIT_ERROR
+    except SystemExit as exc:  # argparse's --help and usage errors: return, don't exit, when called in-process
+        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> _Parser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--home", type=Path, help="the device's model store (default: $EDGE_CLASSIFY_HOME)")
+
+    parser = _Parser(prog="edge-agent", description="Keep this device on the model its sync server assigns, with zero downtime.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    enroll = sub.add_parser("enroll", parents=[common], help="enrol this device with a sync server (once)")
+    enroll.add_argument("--server", required=True, metavar="URL", help="the sync server, e.g. http://sync.shop.lan:8080")
+    enroll.add_argument("--secret", default=os.environ.get(SECRET_ENV), metavar="SECRET",
+                        help=f"the server's enrolment secret (or ${SECRET_ENV})")
+    enroll.add_argument("--model", metavar="NAME", help="the model this device runs (default: the installed one)")
+    enroll.add_argument("--channel", metavar="NAME", help="channel to follow (default: stable)")
+    enroll.add_argument("--name", metavar="NAME", help="a name for people, e.g. kiosk-12")
+    enroll.add_argument("--public-key", type=Path, metavar="KEY", help="the publisher's public key to pin (copied to HOME/trusted.pub)")
+    enroll.add_argument("--timeout", type=float, default=10.0, metavar="S", help="seconds per try (default 10)")
+    enroll.add_argument("--force", action="store_true", help="enrol again, replacing the stored identity")
+    enroll.set_defaults(run=_enroll)
+
+    run = sub.add_parser("run", parents=[common], help="run the agent (until SIGTERM or Ctrl-C)")
+    run.add_argument("--host", default=None, help="address of the local API (default 127.0.0.1: this device only)")
+    run.add_argument("--port", type=int, default=None, help="port of the local API (default 8765; 0: any free port)")
+    run.add_argument("--poll-interval", type=float, default=None, metavar="S", help="seconds between polls while the push stream is down (default 30)")
+    run.add_argument("--no-push", action="store_true", help="poll only; for networks that cut long-lived connections")
+    run.add_argument("--policy", choices=("availability", "resource"), default=None,
+                     help="availability (default): load the new version before unloading the old; resource: the reverse")
+    run.add_argument("--fallback", choices=("auto", "never", "always"), default=None, help="ask the server's full model (default auto: when unsure)")
+    run.add_argument("--threshold", type=float, default=None, help="ask the server below this top score (default: the model's)")
+    run.add_argument("--threads", type=int, default=None, help="interpreter threads")
+    run.add_argument("--telemetry-period", type=float, default=None, metavar="S", help="seconds per telemetry report (default 60)")
+    run.add_argument("--public-key", type=Path, default=None, help="publisher key (default: $EDGE_CLASSIFY_PUBLIC_KEY or HOME/trusted.pub)")
+    run.add_argument("--verbose", "-v", action="store_true", help="log every step")
+    run.set_defaults(run=_run)
+
+    status = sub.add_parser("status", parents=[common], help="the device, its server, current and previous versions")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.set_defaults(run=_status)
+
+    path = sub.add_parser("path", parents=[common], help="print where the device's files are")
+    path.set_defaults(run=_path)
+    return parser
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    from .config import AgentPaths
+    from .enroll import enroll
+
+    if not args.secret:
+        raise SystemExit(_usage_error("edge-agent enroll", f"give the enrolment secret with --secret or ${SECRET_ENV}"))
+    paths = AgentPaths.at(args.home)
+    identity = enroll(paths, args.server, args.secret, model=args.model, channel=args.channel, name=args.name,
+                      public_key=args.public_key, force=args.force, timeout_s=args.timeout)
+    who = identity.device_id + (f" ({identity.name})" if identity.name else "")
+    print(f"enrolled {who} with {identity.server}: model {identity.model}, channel {identity.channel}")
+    print(f"identity in {paths.identity}")
+    key = paths.public_key()
+    if not key.is_file():
+        print(f"edge-agent: note: no trusted publisher key at {key}: copy it there (or pass --public-key) before `edge-agent run`",
+              file=sys.stderr)
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .daemon import Agent
+    from .options import AgentOptions, ServeOptions
+
+    _configure_logging(args.verbose)
+    serve = ServeOptions()
+    serve = replace(serve, **{k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None})
+    values: dict[str, Any] = {"home": args.home, "serve": serve, "push": not args.no_push, "public_key": args.public_key}
+    for option, value in (("poll_interval_s", args.poll_interval), ("policy", args.policy), ("fallback", args.fallback),
+                          ("fallback_threshold", args.threshold), ("threads", args.threads),
+                          ("telemetry_period_s", args.telemetry_period)):
+        if value is not None:
+            values[option] = value
+    options = AgentOptions(**values)
+    try:
+        agent = Agent.create_from_options(options)
+    except OSError as exc:
+        if exc.errno == 98:  # EADDRINUSE
+            raise EdgeRuntimeError(f"port {serve.port} on {serve.host} is in use (is an agent already running? try --port)") from exc
+        raise
+    agent.run_forever()
+    return EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    from ..store import ModelStore
+    from .config import AgentPaths, load_identity
+    from .outbox import Outbox
+
+    paths = AgentPaths.at(args.home)
+    identity = load_identity(paths)
+    state = ModelStore(paths.home).state()
+    queued = Outbox(paths.outbox).count() if paths.outbox.is_file() else 0
+    live = _live_status(paths)
+    report = {
+        "device": identity.public_dict(),
+        "current": state.current.to_dict() if state.current else None,
+        "previous": state.previous.to_dict() if state.previous else None,
+        "outbox_queued": queued,
+        "agent": live,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return EXIT_OK
+    who = identity.device_id + (f" ({identity.name})" if identity.name else "")
+    rows = [
+        ("device", who),
+        ("server", identity.server),
+        ("model", f"{identity.model}, channel {identity.channel}"),
+        ("current", str(state.current) if state.current else "none"),
+        ("previous", str(state.previous) if state.previous else "none"),
+    ]
+    if live is None:
+        rows.append(("agent", "not running"))
+    else:
+        serving = live.get("serving")
+        what = f"{serving['name']} v{serving['version']}" if serving else "nothing yet"
+        rows.append(("agent", f"running (pid {live.get('pid')}) on {live.get('url')}, serving {what}"))
+        for name, refusal in (live.get("refused") or {}).items():
+            rows.append(("refused", f"{name.replace(':', ' v')}: {refusal.get('reason')}"))
+    rows.append(("outbox", f"{queued} report{'s' if queued != 1 else ''} waiting"))
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"{label:<{width}}  {value}")
+    return EXIT_OK
+
+
+def _path(args: argparse.Namespace) -> int:
+    from .config import AgentPaths
+
+    paths = AgentPaths.at(args.home)
+    for label, value in (("store", paths.home), ("identity", paths.identity), ("state", paths.state),
+                         ("outbox", paths.outbox), ("downloads", paths.downloads), ("trusted key", paths.public_key())):
+        print(f"{label:<11}  {value}")
+    return EXIT_OK
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _live_status(paths) -> dict[str, Any] | None:  # noqa: ANN001
+    """The running agent's own `/status` (one second at most), or None."""
+    try:
+        run = json.loads(paths.run_file.read_text(encoding="utf-8"))
+        with urllib.request.urlopen(run["url"] + "/status", timeout=1.0) as response:
+            return json.loads(response.read(1 << 20))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _configure_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("edge-agent: %(message)s"))
+    logger = logging.getLogger("edge_agent")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+    warnings.simplefilter("default")
+    warnings.showwarning = lambda message, *_args, **_kw: print(f"edge-agent: warning: {message}", file=sys.stderr)
+
+
+def _usage_error(prog: str, message: str) -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
