@@ -15,7 +15,6 @@ import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
-from importlib import metadata
 from typing import Any, Callable
 
 from .errors import ModelLoadError
@@ -43,6 +42,8 @@ class Backend:
     @property
     def version(self) -> str:
         """The installed distribution's version (looked up on demand: it costs a scan of site-packages)."""
+        from importlib import metadata
+
         try:
             return metadata.version(self.distribution)
         except metadata.PackageNotFoundError:
