@@ -79,11 +79,13 @@ def find_backend(preferred: str | None = None) -> Backend:
         except ImportError as exc:
             tried.append(f"{name} ({exc.__class__.__name__})")
             continue
+        interpreter_class = getattr(module, "Interpreter", None)
+        if interpreter_class is None:  # TensorFlow 2.20+ moved its interpreter out to LiteRT
+            tried.append(f"{name} (this version has no Interpreter)")
+            continue
         if module_name == "tensorflow.lite":
-            interpreter_class = module.Interpreter
-            load_delegate = module.experimental.load_delegate
+            load_delegate = getattr(getattr(module, "experimental", None), "load_delegate", None)
         else:
-            interpreter_class = module.Interpreter
             load_delegate = getattr(module, "load_delegate", None)
         backend = Backend(name, distribution, interpreter_class, load_delegate)
         if preferred is None:

@@ -330,3 +330,53 @@ def test_the_command_imports_no_tensorflow(device, int8_bundle):
                                env={**__import__('os').environ, "EDGE_CLASSIFY_HOME": str(device)})
     assert completed.returncode == 0, completed.stderr
     assert "HEAVY []" in completed.stdout
+
+
+# --- interpreters and delegates ------------------------------------------------------------------
+
+
+def test_a_missing_gpu_delegate_falls_back_to_the_cpu_with_one_warning(device, int8_bundle, tmp_path, capsys):
+    code, out, err = run(capsys, real_photo_path("rocket.jpg"), "--model", int8_bundle, "--delegate", "gpu",
+                         "--gpu-delegate", tmp_path / "libtensorflowlite_gpu_delegate.so", "--json", "--verbose")
+    assert code == 0 and json_lines(out)[0]["label"]
+    warnings = [line for line in err.splitlines() if "warning:" in line]
+    assert len(warnings) == 1 and "GPU delegate unavailable" in warnings[0] and "running on the CPU" in warnings[0]
+    assert '"delegate": "cpu"' in err
+
+
+def test_the_gpu_without_a_library_says_how_to_give_one(device, int8_bundle, capsys, monkeypatch):
+    monkeypatch.delenv("EDGE_CLASSIFY_GPU_DELEGATE", raising=False)
+    code, _, err = run(capsys, real_photo_path("rocket.jpg"), "--model", int8_bundle, "--delegate", "gpu")
+    assert code == 0 and "EDGE_CLASSIFY_GPU_DELEGATE" in err
+
+
+def test_a_chosen_backend_is_used_and_tensorflow_lite_is_only_a_last_resort(int8_bundle, publisher):
+    import tensorflow as tf
+
+    from edge_runtime.classifier import Classifier, ClassifierOptions
+    from edge_runtime.errors import ModelLoadError
+
+    options = ClassifierOptions(model=int8_bundle, public_key=publisher[1], backend="ai-edge-litert")
+    with Classifier.create_from_options(options) as classifier:
+        assert classifier.backend.name == "ai-edge-litert"
+        litert_labels = [c.label for c in classifier.classify(real_photo_path("rocket.jpg"))[0]]
+    tf_lite = ClassifierOptions(model=int8_bundle, public_key=publisher[1], backend="tensorflow.lite")
+    if hasattr(tf.lite, "Interpreter"):  # TensorFlow before 2.20 still ships its own interpreter
+        with Classifier.create_from_options(tf_lite) as classifier:
+            assert [c.label for c in classifier.classify(real_photo_path("rocket.jpg"))[0]] == litert_labels
+    else:
+        with pytest.raises(ModelLoadError, match=r"tensorflow.lite \(this version has no Interpreter\)"):
+            Classifier.create_from_options(tf_lite)
+
+
+def test_an_unknown_or_missing_backend_is_a_clear_error(int8_bundle, publisher):
+    from edge_runtime.backends import find_backend
+    from edge_runtime.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="unknown interpreter backend 'onnx'"):
+        find_backend("onnx")
+    try:
+        import tflite_runtime  # noqa: F401
+    except ImportError:
+        with pytest.raises(ModelLoadError, match="no TFLite interpreter is installed.*tflite-runtime"):
+            find_backend("tflite-runtime")
