@@ -26,7 +26,7 @@ GPU_DELEGATE_ENV = "EDGE_CLASSIFY_GPU_DELEGATE"
 _CANDIDATES: tuple[tuple[str, str, str], ...] = (
     ("ai-edge-litert", "ai_edge_litert.interpreter", "ai-edge-litert"),
     ("tflite-runtime", "tflite_runtime.interpreter", "tflite-runtime"),
-    ("tensorflow.lite", "tensorflow.lite", "tensorflow"),
+    ("tensorflow.lite", "tensorflow", "tensorflow"),  # tf.lite: the public API, not the tensorflow.lite package
 )
 
 
@@ -76,14 +76,16 @@ def find_backend(preferred: str | None = None) -> Backend:
     for name, module_name, distribution in candidates:
         try:
             module = importlib.import_module(module_name)
-        except ImportError as exc:
+            if module_name == "tensorflow":
+                module = module.lite
+        except (ImportError, AttributeError) as exc:
             tried.append(f"{name} ({exc.__class__.__name__})")
             continue
         interpreter_class = getattr(module, "Interpreter", None)
-        if interpreter_class is None:  # TensorFlow 2.20+ moved its interpreter out to LiteRT
+        if interpreter_class is None:
             tried.append(f"{name} (this version has no Interpreter)")
             continue
-        if module_name == "tensorflow.lite":
+        if module_name == "tensorflow":
             load_delegate = getattr(getattr(module, "experimental", None), "load_delegate", None)
         else:
             load_delegate = getattr(module, "load_delegate", None)
