@@ -18,9 +18,14 @@ import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from preprocessing import DatasetError, list_images
+# The device's command does no linear algebra: one OpenBLAS thread halves numpy's import time (its
+# thread pool start-up is most of it), which is most of a cold start. Set before numpy loads; a value
+# the user exported wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from .errors import EdgeRuntimeError
+from preprocessing import DatasetError, list_images  # noqa: E402
+
+from .errors import EdgeRuntimeError  # noqa: E402
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_ERROR = 0, 1, 2
 SERVER_ENV = "EDGE_CLASSIFY_SERVER"
