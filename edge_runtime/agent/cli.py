@@ -90,6 +90,12 @@ def _parser() -> _Parser:
     run.add_argument("--threshold", type=float, default=None, help="ask the server below this top score (default: the model's)")
     run.add_argument("--threads", type=int, default=None, help="interpreter threads")
     run.add_argument("--telemetry-period", type=float, default=None, metavar="S", help="seconds per telemetry report (default 60)")
+    run.add_argument("--backoff-max", type=float, default=None, metavar="S", help="longest wait between retries (default 60)")
+    run.add_argument("--max-error-rate", type=float, default=None, metavar="F",
+                     help="roll a new version back above this share of failed requests (default 0.2)")
+    run.add_argument("--min-requests", type=int, default=None, metavar="N", help="requests before the error rate counts (default 20)")
+    run.add_argument("--max-crashes", type=int, default=None, metavar="N", help="roll back after this many crashes on a new version (default 2)")
+    run.add_argument("--probation", type=float, default=None, metavar="S", help="seconds a new version is watched (default 600)")
     run.add_argument("--public-key", type=Path, default=None, help="publisher key (default: $EDGE_CLASSIFY_PUBLIC_KEY or HOME/trusted.pub)")
     run.add_argument("--verbose", "-v", action="store_true", help="log every step")
     run.set_defaults(run=_run)
@@ -126,15 +132,20 @@ def _enroll(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from .daemon import Agent
-    from .options import AgentOptions, ServeOptions
+    from .options import AgentOptions, HealthPolicy, RetryOptions, ServeOptions
 
     _configure_logging(args.verbose)
-    serve = ServeOptions()
-    serve = replace(serve, **{k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None})
-    values: dict[str, Any] = {"home": args.home, "serve": serve, "push": not args.no_push, "public_key": args.public_key}
+
+    def given(*pairs: tuple[str, Any]) -> dict[str, Any]:
+        return {name: value for name, value in pairs if value is not None}
+
+    serve = ServeOptions(**given(("host", args.host), ("port", args.port)))
+    health = HealthPolicy(**given(("max_error_rate", args.max_error_rate), ("min_requests", args.min_requests),
+                                  ("max_crashes", args.max_crashes), ("probation_s", args.probation)))
+    retry = RetryOptions(**given(("max_s", args.backoff_max)))
+    values: dict[str, Any] = {"home": args.home, "serve": serve, "health": health, "retry": retry, "push": not args.no_push,
+                              "public_key": args.public_key}
     for option, value in (("poll_interval_s", args.poll_interval), ("policy", args.policy), ("fallback", args.fallback),
                           ("fallback_threshold", args.threshold), ("threads", args.threads),
                           ("telemetry_period_s", args.telemetry_period)):

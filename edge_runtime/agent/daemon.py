@@ -43,6 +43,7 @@ class Agent:
         self.options = options
         self.identity = identity
         self.paths = AgentPaths.at(options.home)
+        self._lock_file = _lock(self.paths.agent_dir / "lock")
         self.public_key = self.paths.public_key(options.public_key)
         if not self.public_key.is_file():
             raise AgentError(
@@ -128,6 +129,7 @@ class Agent:
             self.paths.run_file.unlink()
         except OSError:
             pass
+        self._lock_file.close()
 
     close = stop
 
@@ -179,3 +181,17 @@ class Agent:
             "pid": os.getpid(),
             "url": self.url,
         }
+
+
+def _lock(path) -> Any:  # noqa: ANN001
+    """Hold an exclusive lock on `path` for the agent's lifetime: one agent per device store."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise AgentError(f"another edge-agent already runs on the store {path.parent.parent} (lock {path})") from None
+    return handle

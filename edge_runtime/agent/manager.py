@@ -320,8 +320,8 @@ class Manager:
         self._failures += 1
         self._retry_at = time.monotonic() + delay
         self.last_error = message
-        log.warning("%s; trying again in %.0f s (still serving %s)", message, delay,
-                    self.handle.current.ref if self.handle.current else "nothing")
+        log.log(logging.WARNING if self._failures <= 1 else logging.DEBUG, "%s; trying again in %.0f s (still serving %s)",
+                message, delay, self.handle.current.ref if self.handle.current else "nothing")
         self._event("retry", self.updating, f"{message}; next try in {delay:.1f} s")
 
     # --- rolling back ---------------------------------------------------------------------------
@@ -389,7 +389,10 @@ class Manager:
             log.warning("could not remove old versions: %s", exc)
 
     def _event(self, kind: str, ref: ModelRef | None, message: str, details: dict[str, Any] | None = None) -> None:
-        self.events.append({"at": time.time(), "kind": kind, "version": ref.version if ref else None, "message": message})
+        self.events.append({"at": time.time(), "kind": kind, "version": ref.version if ref else None, "message": message,
+                            **({"details": details} if details else {})})
+        if kind == "retry":
+            return  # logged by _schedule_retry
         level = logging.WARNING if kind in ("refused", "rolled_back", "rollback_failed", "rollback_impossible") else logging.INFO
         log.log(level, message)
 

@@ -101,7 +101,10 @@ class AssignmentSource:
                     return
                 failures = 0 if time.monotonic() - opened >= _HEALTHY_STREAM_S else failures + 1
                 delay = backoff_delay(max(0, failures - 1), self.options.retry) if failures else 0.5
-                log.info("push stream down (%s); polling, reconnecting in %.1f s", self.last_error, delay)
+                # one line when the stream goes down, then quiet (a week offline must not fill the disk)
+                log.log(logging.INFO if failures <= 1 else logging.DEBUG,
+                        "push stream down (%s); polling every %g s, reconnecting with backoff (next in %.1f s)",
+                        self.last_error, self.options.poll_interval_s, delay)
             else:
                 delay = self.options.poll_interval_s
             self._poll_until(time.monotonic() + delay)
@@ -129,6 +132,8 @@ class AssignmentSource:
                 raise ServerUnreachableError(f"the push stream answered {stream.header('content-type')!r}, not text/event-stream")
             self.connected = True
             self.counts["streams"] += 1
+            if self.counts["streams"] > 1:
+                log.info("push stream connected again")
             self.on_reachable()
             try:
                 for event in parse_events(iter(stream.response.readline, b"")):
