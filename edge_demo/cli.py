@@ -2,8 +2,10 @@
 
 Generates the synthetic shop photos, trains the demo classifier, converts it into a signed full-int8
 bundle with `edge-convert` (showing the validation report), installs it on a simulated device and
-classifies sample photos, good and bad, with `edge-classify`. Each later step runs the real command
-line, printed before it runs, so the output shows exactly what a person would type.
+classifies sample photos, good and bad, with `edge-classify`; starts the sync server, publishes the
+bundle and asks the full model; then enrols an `edge-agent` and publishes a second version while an
+app keeps classifying through the agent. Each later step runs the real command line, printed before
+it runs, so the output shows exactly what a person would type.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 from pathlib import Path
 
 DEFAULT_WORKDIR = Path("demo-output")
-STEPS = 5
+STEPS = 6
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     status = _demo_classify(work, data_dir)
     if status != 0:
         return status
-    return _demo_server(work, fresh=converted)
+    status = _demo_server(work, fresh=converted)
+    if status != 0:
+        return status
+    _step(6, "over the air: enrol an edge-agent, publish version 2, keep classifying through the switch")
+    from edge_runtime.agent.demo import run_agent_demo
+
+    return run_agent_demo(work, out=lambda line: print(line, flush=True))
 
 
 def _demo_data(work: Path, args: argparse.Namespace) -> Path:
