@@ -9,7 +9,6 @@ from __future__ import annotations
 from types import TracebackType
 
 import numpy as np
-from ai_edge_litert.interpreter import Interpreter
 
 from .errors import ConverterFailedError
 from .manifest import TensorInfo
@@ -23,6 +22,10 @@ class LiteClassifier:
     """
 
     def __init__(self, model: bytes, *, threads: int = 1) -> None:
+        # Imported here, not at module level: `converter.smoke` (which devices import for the
+        # smoke test) must load on a device that runs its own interpreter, e.g. tflite-runtime.
+        from ai_edge_litert.interpreter import Interpreter
+
         try:
             self._interpreter = Interpreter(model_content=model, num_threads=threads)
             self._interpreter.allocate_tensors()

@@ -239,3 +239,16 @@ def test_the_public_surface_is_what_all_lists():
 
     public = {name for name in dir(agent) if not name.startswith("_") and not isinstance(getattr(agent, name), type(agent))}
     assert public == set(agent.__all__)
+
+
+def test_the_smoke_test_module_loads_without_litert_for_devices_on_other_interpreters():
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; sys.modules['ai_edge_litert'] = None; sys.modules['ai_edge_litert.interpreter'] = None; "
+        "import converter.smoke, edge_runtime.agent.servable; print('ok')"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "ok"
