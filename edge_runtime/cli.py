@@ -10,7 +10,6 @@ model error. Imports no TensorFlow: start-up is what a kiosk waits for.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -25,6 +24,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from preprocessing import DatasetError, list_images  # noqa: E402
 
+from ._cli import OneLineParser  # noqa: E402
 from .errors import EdgeRuntimeError  # noqa: E402
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_ERROR = 0, 1, 2
@@ -32,11 +32,6 @@ SERVER_ENV = "EDGE_CLASSIFY_SERVER"
 TOKEN_ENV = "EDGE_CLASSIFY_TOKEN"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # usage errors: one line, exit 2
-        self.print_usage(sys.stderr)
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(EXIT_ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,8 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _classify_parser() -> _Parser:
-    parser = _Parser(
+def _classify_parser() -> OneLineParser:
+    parser = OneLineParser(
         prog="edge-classify",
         description="Classify product photos on this device (LiteRT), asking the server when unsure.",
         epilog="Manage installed models with `edge-classify models list|use|rollback|install|path`.",
@@ -167,7 +162,7 @@ def _print_version() -> int:
 def _models(argv: list[str]) -> int:
     from .store import ModelRef, ModelStore
 
-    parser = _Parser(prog="edge-classify models", description="Manage the device's local model store.")
+    parser = OneLineParser(prog="edge-classify models", description="Manage the device's local model store.")
     parser.add_argument("--home", help="the store's folder (default: $EDGE_CLASSIFY_HOME)")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("list", help="installed versions, current and previous marked (default)")

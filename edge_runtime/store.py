@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ._durable import fsync_dir, fsync_file
 from .errors import StoreError
 
 HOME_ENV = "EDGE_CLASSIFY_HOME"
@@ -123,11 +124,11 @@ class ModelStore:
                 source = bundle_dir / name
                 if source.is_file():
                     shutil.copyfile(source, staging / name)
-                    _fsync_file(staging / name)
+                    fsync_file(staging / name)
             if verify is not None:
                 verify(staging)  # raises on a bad bundle; nothing enters the store
             os.replace(staging, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -188,7 +189,7 @@ class ModelStore:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, self.home / _STATE)
-            _fsync_dir(self.home)
+            fsync_dir(self.home)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -217,21 +218,3 @@ def _same_files(a: Path, b: Path) -> bool:
         if fa.is_file() and fa.read_bytes() != fb.read_bytes():
             return False
     return True
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -22,17 +22,13 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+from .._cli import OneLineParser
 from ..errors import EdgeRuntimeError
 
 EXIT_OK, EXIT_ERROR = 0, 2
 SECRET_ENV = "EDGE_AGENT_ENROLLMENT_SECRET"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # usage errors: one line, exit 2
-        self.print_usage(sys.stderr)
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(EXIT_ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,12 +56,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _parser() -> _Parser:
+def _parser() -> OneLineParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--home", type=Path, help="the device's model store (default: $EDGE_CLASSIFY_HOME)")
 
-    parser = _Parser(prog="edge-agent", description="Keep this device on the model its sync server assigns, with zero downtime.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    parser = OneLineParser(prog="edge-agent", description="Keep this device on the model its sync server assigns, with zero downtime.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
 
     enroll = sub.add_parser("enroll", parents=[common], help="enrol this device with a sync server (once)")
     enroll.add_argument("--server", required=True, metavar="URL", help="the sync server, e.g. http://sync.shop.lan:8080")

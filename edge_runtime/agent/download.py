@@ -18,6 +18,7 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._durable import fsync_dir
 from .client import ServerUnreachableError, SyncClient, describe
 from .errors import DownloadError
 from .options import RetryOptions
@@ -166,7 +167,7 @@ class Downloader:
             found = f"sha256 {digest[:12]}…, expected {remote.sha256[:12]}…" if digest else f"{size} bytes, expected {remote.size}"
             raise DownloadError(f"{remote.name} is not the announced file ({found}): deleted", corrupt=True)
         os.replace(part, final)
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)
         return final
 
     def _client_for(self, url: str) -> tuple[SyncClient, str]:
@@ -192,16 +193,3 @@ def _sha256_of(path: Path) -> str:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
