@@ -211,7 +211,11 @@ class Devices:
         message: str | None,
         details: dict[str, Any] | None,
     ) -> dict[str, Any]:
-        """Store the device's report about `version`; may pause a failing rollout."""
+        """Store the device's report about `version`; may pause a failing rollout.
+
+        An upsert per (device, version), so a resent report changes nothing. `details.rolled_back: true`
+        marks a version the device loaded, then rolled back: it counts as a failure of a rollout.
+        """
         paused = None
         with self.db.write() as session:
             model = find_model(session, device.model)
@@ -228,6 +232,7 @@ class Devices:
             row.running = running
             row.load_ok = load_ok
             row.smoke_test_ok = smoke_test_ok
+            row.rolled_back = (details or {}).get("rolled_back") is True
             row.message = message
             row.details = details
             row.reported_at = utcnow()
@@ -238,11 +243,11 @@ class Devices:
             self.on_change(device.model)
         return {"recorded": True, "rollout_paused": paused}
 
-    def record_telemetry(self, device: DeviceIdentity, report: dict[str, Any]) -> dict[str, Any]:
-        """Store one periodic telemetry report (see `telemetry.record`)."""
+    def record_telemetry(self, device: DeviceIdentity, report: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
+        """Store one periodic telemetry report, once per idempotency key (see `telemetry.record`)."""
         from . import telemetry
 
-        return telemetry.record(self.db, device.id, device.model, report)
+        return telemetry.record(self.db, device.id, device.model, report, idempotency_key)
 
     def telemetry_summary(self, model: str, version: int | None = None) -> dict[str, Any]:
         """Telemetry summed over devices, per version (see `telemetry.summary`)."""
@@ -317,6 +322,7 @@ class Devices:
                     "running": s.running,
                     "load_ok": s.load_ok,
                     "smoke_test_ok": s.smoke_test_ok,
+                    "rolled_back": s.rolled_back,
                     "message": s.message,
                     "reported_at": iso(s.reported_at),
                 }

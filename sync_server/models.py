@@ -4,8 +4,9 @@
             │                                       and the content hash of each bundle file
             ├─ channels ── rollout_events           per-model channels: the version, the previous one,
             │                                       a staged rollout (candidate, percent, state)
-            └─ devices ─┬─ device_status            the latest load / smoke-test report per version
-                        └─ telemetry                periodic counts, confidence histogram, latency
+            └─ devices ─┬─ device_status            the latest load / smoke-test / rollback report per version
+                        └─ telemetry                periodic counts, confidence histogram, latency; at most
+                                                    one row per (device, idempotency key)
     server_state                                    counters shared by all instances (assignment revision)
 """
 
@@ -21,10 +22,12 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -138,7 +141,8 @@ class Device(Base):
 
 
 class DeviceStatus(Base):
-    """A device's latest report about one version: did it load, did its smoke test pass."""
+    """A device's latest report about one version: did it load, did its smoke test pass, did the device
+    roll it back (its health check failed after it loaded)."""
 
     __tablename__ = "device_status"
 
@@ -147,15 +151,17 @@ class DeviceStatus(Base):
     running: Mapped[bool] = mapped_column(Boolean, default=False)
     load_ok: Mapped[bool] = mapped_column(Boolean)
     smoke_test_ok: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    rolled_back: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     message: Mapped[str | None] = mapped_column(Text, nullable=True)
     details: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     reported_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Telemetry(Base):
-    """One periodic telemetry report of a device."""
+    """One periodic telemetry report of a device; `idempotency_key` (unique per device) makes resends count once."""
 
     __tablename__ = "telemetry"
+    __table_args__ = (Index("uq_telemetry_device_idempotency_key", "device_id", "idempotency_key", unique=True),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), index=True)
@@ -169,6 +175,7 @@ class Telemetry(Base):
     latency_p50_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     latency_p99_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     confidence_histogram: Mapped[list[int]] = mapped_column(JSON)
+    idempotency_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class ServerState(Base):

@@ -15,7 +15,8 @@ devices and no device flips back and forth.
 
 Every call takes effect at once: it bumps the shared assignment revision, which wakes the push
 streams (here and on other instances) and the TF Serving reconciler. A rollout whose devices report
-failures above `failure_threshold` (after at least `min_reports` reports) pauses itself.
+failures above `failure_threshold` (after at least `min_reports` reports) pauses itself; a failure is a
+version that did not load, failed its smoke test, or that the device rolled back.
 """
 
 from __future__ import annotations
@@ -213,7 +214,7 @@ class Rollouts:
         return self._change(model, channel, change)
 
     def check_failures(self, session: Session, model: Model, channel_name: str, version: int) -> str | None:
-        """Pause the rollout of `version` on the channel if too many devices report failures.
+        """Pause the rollout of `version` on the channel if too many devices report failures or rollbacks.
 
         Runs inside the caller's write transaction (a status report); returns the pause reason, if any.
         """
@@ -222,7 +223,9 @@ class Rollouts:
         )
         if row is None or row.rollout_state != ACTIVE or row.rollout_version != version:
             return None
-        failed = or_(DeviceStatus.load_ok.is_(False), DeviceStatus.smoke_test_ok.is_(False))
+        failed = or_(
+            DeviceStatus.load_ok.is_(False), DeviceStatus.smoke_test_ok.is_(False), DeviceStatus.rolled_back.is_(True)
+        )
         query = (
             select(func.count(), func.coalesce(func.sum(case((failed, 1), else_=0)), 0))
             .select_from(DeviceStatus)
@@ -240,8 +243,8 @@ class Rollouts:
         if reports < max(1, minimum) or failures / reports <= threshold:
             return None
         reason = (
-            f"paused automatically: {failures} of {reports} devices failed to load or smoke-test version "
-            f"{version} ({failures / reports:.0%}, above the {threshold:.0%} threshold)"
+            f"paused automatically: {failures} of {reports} devices failed to load, failed to smoke-test or rolled "
+            f"back version {version} ({failures / reports:.0%}, above the {threshold:.0%} threshold)"
         )
         row.rollout_state = PAUSED
         row.rollout_reason = reason

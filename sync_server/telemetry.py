@@ -1,40 +1,90 @@
-"""Device telemetry: periodic counts, confidence histogram, fallback rate and latency, summed per version."""
+"""Device telemetry: periodic counts, confidence histogram, fallback rate and latency, summed per version.
+
+A report may carry an idempotency key (the `Idempotency-Key` header): the agent's outbox resends a
+report until it is acknowledged, so a report whose key this device already used is answered
+`duplicate` and not stored again.
+"""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from .db import Database
+from .errors import BadRequestError
 from .models import Device, Telemetry
 from .registry import find_model, find_version
 
+#: What an idempotency key may be: 1 to 64 visible ASCII characters (a UUID is fine).
+KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,64}$")
 
-def record(db: Database, device_id: str, model: str, report: dict[str, Any]) -> dict[str, Any]:
-    """Store one report; `fallback_rate` defaults to fallbacks / predictions."""
-    with db.write() as session:
-        find_version(session, model, report["version"])
-        predictions = report["predictions"]
-        rate = report.get("fallback_rate")
-        if rate is None and predictions:
-            rate = report["fallbacks"] / predictions
-        latency = report.get("latency_ms") or {}
-        session.add(
-            Telemetry(
-                device_id=device_id,
-                version=report["version"],
-                period_s=report["period_s"],
-                predictions=predictions,
-                fallbacks=report["fallbacks"],
-                errors=report.get("errors", 0),
-                fallback_rate=rate,
-                latency_p50_ms=latency.get("p50"),
-                latency_p99_ms=latency.get("p99"),
-                confidence_histogram=list(report.get("confidence_histogram") or []),
-            )
-        )
-    return {"recorded": True}
+
+def check_idempotency_key(key: str | None) -> str | None:
+    """`key` if it is usable as an idempotency key (None stays None); BadRequestError otherwise."""
+    if key is None or KEY_PATTERN.match(key):
+        return key
+    if len(key) > 64:
+        problem = f"is {len(key)} characters long"
+    elif not key:
+        problem = "is empty"
+    else:
+        problem = "has a space, control or non-ASCII character"
+    raise BadRequestError(
+        f"the Idempotency-Key header must be 1 to 64 visible ASCII characters (a UUID is fine); this one {problem}",
+        code="bad_idempotency_key",
+    )
+
+
+def record(db: Database, device_id: str, model: str, report: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
+    """Store one report, once per (device, idempotency key); `fallback_rate` defaults to fallbacks / predictions."""
+    key = check_idempotency_key(idempotency_key)
+    try:
+        with db.write() as session:
+            find_version(session, model, report["version"])
+            if key is not None and _seen(session, device_id, key):
+                return {"recorded": True, "duplicate": True}
+            session.add(_row(device_id, report, key))
+    except IntegrityError:
+        # Two copies of one report raced past the check; the unique index kept one. Anything else re-raises.
+        if key is None:
+            raise
+        with db.read() as session:
+            if not _seen(session, device_id, key):
+                raise
+        return {"recorded": True, "duplicate": True}
+    return {"recorded": True, "duplicate": False}
+
+
+def _seen(session: Session, device_id: str, key: str) -> bool:
+    found = session.scalar(
+        select(Telemetry.id).where(Telemetry.device_id == device_id, Telemetry.idempotency_key == key).limit(1)
+    )
+    return found is not None
+
+
+def _row(device_id: str, report: dict[str, Any], key: str | None) -> Telemetry:
+    predictions = report["predictions"]
+    rate = report.get("fallback_rate")
+    if rate is None and predictions:
+        rate = report["fallbacks"] / predictions
+    latency = report.get("latency_ms") or {}
+    return Telemetry(
+        device_id=device_id,
+        version=report["version"],
+        period_s=report["period_s"],
+        predictions=predictions,
+        fallbacks=report["fallbacks"],
+        errors=report.get("errors", 0),
+        fallback_rate=rate,
+        latency_p50_ms=latency.get("p50"),
+        latency_p99_ms=latency.get("p99"),
+        confidence_histogram=list(report.get("confidence_histogram") or []),
+        idempotency_key=key,
+    )
 
 
 def summary(db: Database, model: str, version: int | None = None) -> dict[str, Any]:

@@ -156,6 +156,67 @@ def test_status_and_telemetry_reports_are_stored_and_summed(db_url, publisher, t
         assert detail["running_version"] == 1 and detail["status"][0]["smoke_test_ok"] is True
 
 
+def test_a_resent_telemetry_report_counts_once(db_url, publisher, tmp_path):
+    with running_server(server_config(tmp_path / "data", db_url, publisher)) as server:
+        server.publish_ok(publisher, 1, channel="stable")
+        kiosk, other = server.enroll(), server.enroll()
+        report = {"version": 1, "period_s": 300, "predictions": 100, "fallbacks": 10, "confidence_histogram": [10, 90]}
+
+        def send(device, key: str | None = None):
+            headers = {**device.headers, **({"Idempotency-Key": key} if key is not None else {})}
+            return server.client.post(f"/v1/devices/{device.id}/telemetry", headers=headers, json=report)
+
+        def predictions() -> int:
+            (v1,) = server.admin("GET", f"/v1/models/{MODEL}/telemetry", params={"version": 1}).json()["versions"]
+            return v1["predictions"]
+
+        key = "3f0c2a4e-5b8d-4c1a-9e7f-0123456789ab"
+        first = send(kiosk, key)
+        assert first.status_code == 202 and first.json() == {"recorded": True, "duplicate": False}
+        again = send(kiosk, key)  # the outbox resends after a crash, before it saw the answer
+        assert again.status_code == 202 and again.json() == {"recorded": True, "duplicate": True}
+        assert predictions() == 100, "the resent report is counted once"
+
+        assert send(kiosk, "another-report").json()["duplicate"] is False
+        assert send(other, key).json()["duplicate"] is False, "keys belong to one device"
+        assert send(kiosk).status_code == 202 and send(kiosk).status_code == 202, "no key: every report counts"
+        assert predictions() == 500
+
+        too_long = send(kiosk, "k" * 65)
+        assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "bad_idempotency_key"
+        assert too_long.json()["error"]["message"].startswith("the Idempotency-Key header must be 1 to 64")
+        assert send(kiosk, "a key\twith a tab").status_code == 400
+        assert predictions() == 500, "a refused report stores nothing"
+
+        status = server.client.post(f"/v1/devices/{kiosk.id}/status", headers={**kiosk.headers, "Idempotency-Key": key},
+                                    json={"version": 1, "load_ok": True, "smoke_test_ok": True})
+        assert status.status_code == 200 and status.json()["recorded"] is True, "status takes the header too (it is an upsert)"
+
+
+def test_two_copies_of_a_report_racing_past_the_check_count_once(db_url, publisher, tmp_path, monkeypatch):
+    import sync_server.telemetry as telemetry
+
+    with running_server(server_config(tmp_path / "data", db_url, publisher)) as server:
+        server.publish_ok(publisher, 1, channel="stable")
+        kiosk = server.enroll()
+        send = lambda: server.client.post(  # noqa: E731
+            f"/v1/devices/{kiosk.id}/telemetry", headers={**kiosk.headers, "Idempotency-Key": "k-1"},
+            json={"version": 1, "period_s": 60, "predictions": 7, "fallbacks": 0},
+        )
+        assert send().json()["duplicate"] is False
+        real_seen, calls = telemetry._seen, []
+
+        def first_check_misses(*args):
+            calls.append(args)
+            return False if len(calls) == 1 else real_seen(*args)
+
+        monkeypatch.setattr(telemetry, "_seen", first_check_misses)
+        late = send()  # its check missed the first copy, as if both were in flight; the unique index decides
+        assert late.status_code == 202 and late.json() == {"recorded": True, "duplicate": True}
+        (v1,) = server.admin("GET", f"/v1/models/{MODEL}/telemetry").json()["versions"]
+        assert (v1["reports"], v1["predictions"]) == (1, 7) and len(calls) == 2
+
+
 def _events(response: httpx.Response) -> Iterator[dict]:
     """Parse a text/event-stream into {"event", "id", "data"} dicts (comments skipped)."""
     event: dict = {}

@@ -125,6 +125,33 @@ def test_a_rollout_pauses_itself_when_too_many_devices_fail(db_url, publisher, t
         assert f'sync_server_devices_running{{model="{MODEL}",version="2"}} 3.0' in metrics
 
 
+def test_a_rollout_pauses_itself_when_devices_roll_the_candidate_back(db_url, publisher, tmp_path):
+    with running_server(server_config(tmp_path / "data", db_url, publisher)) as server:
+        server.publish_ok(publisher, 1, 2)
+        server.set_channel(1)
+        devices = [server.enroll() for _ in range(3)]
+        server.admin("POST", f"/v1/models/{MODEL}/channels/stable/rollout",
+                     json={"version": 2, "percent": 100, "failure_threshold": 0.5, "min_reports": 2})
+
+        def roll_back(device):
+            # What the agent sends when v2 loaded and passed its smoke test, then failed its health check.
+            paused = device.report_status(2, load_ok=True, smoke_test_ok=True, running=False, message="rolled back to v1",
+                                          details={"rolled_back": True, "rolled_back_to": 1}).json()["rollout_paused"]
+            assert device.report_status(1, load_ok=True, smoke_test_ok=None).json()["rollout_paused"] is None
+            return paused
+
+        assert devices[0].report_status(2, load_ok=True, smoke_test_ok=True, details={"rolled_back": "no"}).json()["rollout_paused"] is None
+        assert roll_back(devices[1]) is None, "1 of 2 rolled back: 50% is not above the threshold"
+        paused = roll_back(devices[2])
+        assert paused.startswith("paused automatically: 2 of 3 devices failed to load, failed to smoke-test or rolled back version 2")
+
+        channel = server.admin("GET", f"/v1/models/{MODEL}/channels/stable").json()
+        assert channel["rollout"]["state"] == "paused" and channel["history"][0]["action"] == "auto_pause"
+        assert {d.assigned_version() for d in devices} == {1}
+        (v2,) = [s for s in server.admin("GET", f"/v1/devices/{devices[2].id}").json()["status"] if s["version"] == 2]
+        assert v2["rolled_back"] is True and v2["running"] is False
+
+
 def test_devices_can_be_moved_between_channels(db_url, publisher, tmp_path):
     with running_server(server_config(tmp_path / "data", db_url, publisher)) as server:
         server.publish_ok(publisher, 1, 2)

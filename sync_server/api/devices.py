@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import AsyncIterator
 
 import anyio
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
@@ -89,7 +89,11 @@ def status(
     device: DeviceIdentity = Depends(auth.device),
     state: Services = Depends(auth.services),
 ) -> dict:
-    """Report a version's load and smoke-test result; failures can pause a rollout."""
+    """Report a version's load and smoke-test result, or its rollback (`details.rolled_back: true`).
+
+    Failures and rollbacks can pause a rollout. A report is an upsert per (device, version), so an
+    `Idempotency-Key` header is accepted and not needed.
+    """
     require_own(device, device_id)
     return state.devices.record_status(
         device,
@@ -108,10 +112,16 @@ def telemetry(
     body: TelemetryReport,
     device: DeviceIdentity = Depends(auth.device),
     state: Services = Depends(auth.services),
+    idempotency_key: str | None = Header(
+        None, alias="Idempotency-Key", description="1-64 visible ASCII characters; a resent report with it counts once"
+    ),
 ) -> dict:
-    """Periodic counts, confidence histogram, fallback rate and latency."""
+    """Periodic counts, confidence histogram, fallback rate and latency.
+
+    With an `Idempotency-Key` the device already used, nothing is stored and the answer says `duplicate`.
+    """
     require_own(device, device_id)
-    return state.devices.record_telemetry(device, body.model_dump())
+    return state.devices.record_telemetry(device, body.model_dump(), idempotency_key)
 
 
 def _etag_matches(header: str | None, etag: str) -> bool:
