@@ -205,3 +205,22 @@ def test_the_demo_starts_a_server_publishes_and_gets_a_fallback_prediction(publi
     assert "fallback prediction in" in line and line.count("\n") == 0
     assert cli_main(args) == 0, "a second run reuses the data directory"
     assert "already published" in capsys.readouterr().out
+
+
+def test_the_compose_file_speaks_the_servers_settings_and_layout():
+    """docker compose cannot run on these machines (no Docker engine); keep the file from drifting instead."""
+    import re
+    from pathlib import Path
+
+    from sync_server.config import SETTINGS, ServerConfig
+    from sync_server.serving_repo import ServingRepository
+
+    text = (Path(__file__).resolve().parent.parent / "docker-compose.yml").read_text()
+    known = {setting.env for setting in SETTINGS}
+    used = set(re.findall(r"^\s+(SYNC_SERVER_[A-Z_]+):", text, flags=re.MULTILINE))
+    assert used and used <= known, f"unknown settings in docker-compose.yml: {sorted(used - known)}"
+    assert "image: tensorflow/serving" in text and "image: postgres" in text
+    # TF Serving must read the config file where sync-server writes it, inside the shared volume.
+    data_dir = Path(re.search(r"SYNC_SERVER_DATA_DIR: (\S+)", text).group(1))
+    written = ServingRepository(ServerConfig(data_dir=data_dir).serving_dir).config_path
+    assert f"--model_config_file={written}" in text
