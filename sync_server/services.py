@@ -23,6 +23,7 @@ from .registry import Registry
 from .rollout import Rollouts
 from .serving_repo import ServingRepository
 from .serving_sync import ServingReconciler
+from .tasks import cancel_and_wait
 
 log = logging.getLogger("sync_server")
 
@@ -142,13 +143,7 @@ class Services:
         self.db.dispose()
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
+        await cancel_and_wait(self._tasks)
         self._tasks = []
         await asyncio.get_running_loop().run_in_executor(None, self._background.shutdown, True)
         if self.prediction is not None:

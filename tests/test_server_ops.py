@@ -224,3 +224,28 @@ def test_the_compose_file_speaks_the_servers_settings_and_layout():
     data_dir = Path(re.search(r"SYNC_SERVER_DATA_DIR: (\S+)", text).group(1))
     written = ServingRepository(ServerConfig(data_dir=data_dir).serving_dir).config_path
     assert f"--model_config_file={written}" in text
+
+
+def test_stopping_cancels_a_task_that_swallowed_its_first_cancellation():
+    """Python 3.11's asyncio.wait_for can lose a cancellation; shutting down must not hang on it."""
+    import asyncio
+
+    from sync_server.tasks import cancel_and_wait
+
+    async def stubborn(ignore: int) -> str:
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if ignore:
+                    ignore -= 1
+                    continue  # what a swallowed cancellation looks like from outside
+                raise
+
+    async def scenario() -> list[bool]:
+        tasks = [asyncio.create_task(stubborn(2)), asyncio.create_task(stubborn(0))]
+        await asyncio.sleep(0)
+        await asyncio.wait_for(cancel_and_wait(tasks, round_s=0.05), timeout=5)
+        return [t.cancelled() for t in tasks]
+
+    assert asyncio.run(scenario()) == [True, True]

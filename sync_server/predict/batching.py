@@ -18,6 +18,7 @@ from typing import Awaitable, Callable, Hashable
 import numpy as np
 
 from ..config import BatchingOptions
+from ..tasks import cancel_and_wait
 
 log = logging.getLogger("sync_server.batching")
 
@@ -119,13 +120,7 @@ class Batcher:
     async def aclose(self) -> None:
         """Stop the schedulers; requests still queued get a CancelledError."""
         self._closed = True
-        for task in list(self._schedulers.values()) + list(self._running):
-            task.cancel()
-        for task in list(self._schedulers.values()) + list(self._running):
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
+        await cancel_and_wait(list(self._schedulers.values()) + list(self._running))
         for queue in self._queues.values():
             while not queue.empty():
                 item = queue.get_nowait()
