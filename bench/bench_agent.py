@@ -29,15 +29,14 @@ import os
 import platform
 import resource
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
+from _sync_server import sync_server_process
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -89,12 +88,6 @@ def prepare_inputs(work: Path, saved_model: Path | None) -> tuple[Path, dict[int
 # ----------------------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = hard if hard != resource.RLIM_INFINITY else 65536
@@ -102,45 +95,16 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
-@contextlib.contextmanager
-def server_process(data_dir: Path, public_key: Path) -> Iterator[str]:
-    port = free_port()
-    env = {
-        **os.environ,
+def server_process(data_dir: Path, public_key: Path) -> contextlib.AbstractContextManager[str]:
+    settings = {
         "SYNC_SERVER_DATA_DIR": str(data_dir),
-        "SYNC_SERVER_PORT": str(port),
         "SYNC_SERVER_ADMIN_TOKEN": ADMIN,
         "SYNC_SERVER_ENROLLMENT_SECRET": SECRET,
         "SYNC_SERVER_PUBLISHER_KEYS": str(public_key),
         "SYNC_SERVER_EMBEDDED_PRELOAD": "off",
         "SYNC_SERVER_LOG_LEVEL": os.environ.get("BENCH_SERVER_LOG_LEVEL", "warning"),
-        "TF_CPP_MIN_LOG_LEVEL": "2",
     }
-    log = open(data_dir / "server.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "sync_server", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                               cwd=ROOT, preexec_fn=_raise_fd_limit)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the server exited with {process.returncode}; see {log.name}")
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the server did not become ready in 120 s")
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+    return sync_server_process(settings, data_dir / "server.log", preexec_fn=_raise_fd_limit)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -26,15 +26,14 @@ import json
 import os
 import platform
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
+from _sync_server import sync_server_process
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,52 +104,18 @@ def encoding_report(saved_model: Path, photo: bytes) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def server_process(data_dir: Path, public_key: Path, batching: bool, tf_serving_url: str | None) -> Iterator[str]:
-    port = free_port()
-    env = {
-        **os.environ,
+def server_process(data_dir: Path, public_key: Path, batching: bool, tf_serving_url: str | None) -> contextlib.AbstractContextManager[str]:
+    settings = {
         "SYNC_SERVER_DATA_DIR": str(data_dir),
-        "SYNC_SERVER_PORT": str(port),
         "SYNC_SERVER_ADMIN_TOKEN": ADMIN,
         "SYNC_SERVER_ENROLLMENT_SECRET": SECRET,
         "SYNC_SERVER_PUBLISHER_KEYS": str(public_key),
         "SYNC_SERVER_BATCHING": "on" if batching else "off",
         "SYNC_SERVER_LOG_LEVEL": "warning",
-        "TF_CPP_MIN_LOG_LEVEL": "2",
     }
     if tf_serving_url:
-        env["SYNC_SERVER_TF_SERVING_URL"] = tf_serving_url
-    log = open(data_dir / f"server-{'on' if batching else 'off'}.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "sync_server", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the server exited with {process.returncode}; see {log.name}")
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the server did not become ready in 120 s")
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+        settings["SYNC_SERVER_TF_SERVING_URL"] = tf_serving_url
+    return sync_server_process(settings, data_dir / f"server-{'on' if batching else 'off'}.log")
 
 
 def publish_and_enroll(url: str, bundle: Path, saved_model: Path) -> dict[str, str]:

@@ -79,7 +79,7 @@ def run_agent_demo(work: Path, *, seconds_after: float = 2.0, out: Callable[[str
         client = threading.Thread(target=_keep_classifying, args=(local, photos, answers, stop), daemon=True)
         client.start()
         time.sleep(1.5)
-        out(f"    (version 2 is the same weights signed as version 2 with the publisher key: a real release is retrained,"
+        out("    (version 2 is the same weights signed as version 2 with the publisher key: a real release is retrained,"
             " but it travels the same way)")
         published = time.monotonic()
         if _run([a if a is not None else second for a in publish], server_env, out) != 0:

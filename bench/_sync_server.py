@@ -1,0 +1,62 @@
+"""A `sync-server` process on a free loopback port for the benchmarks, stopped when they finish."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def sync_server_process(
+    settings: Mapping[str, str],
+    log_path: Path,
+    *,
+    preexec_fn: Callable[[], None] | None = None,
+    ready_timeout_s: float = 120.0,
+    stop_timeout_s: float = 30.0,
+) -> Iterator[str]:
+    """Run `python -m sync_server serve` with `SYNC_SERVER_*` settings; yields its URL once /readyz is 200."""
+    port = free_port()
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **settings, "SYNC_SERVER_PORT": str(port)}
+    log = open(log_path, "w")
+    process = subprocess.Popen([sys.executable, "-m", "sync_server", "serve"], env=env, stdout=log,
+                               stderr=subprocess.STDOUT, cwd=ROOT, preexec_fn=preexec_fn)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the server exited with {process.returncode}; see {log_path}")
+            try:
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not become ready in {ready_timeout_s:.0f} s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=stop_timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
