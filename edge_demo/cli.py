@@ -40,11 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
 
-    data_dir, retrained = _demo_data(work, args), False
-    status = _demo_model(work, data_dir, args)
-    if status is None:
+    data_dir = _demo_data(work, args)
+    retrained = _demo_model(work, data_dir, args)
+    if retrained is None:
         return 2
-    retrained = status
     converted = _demo_bundle(work, data_dir, retrained)
     if converted is None:
         return 2

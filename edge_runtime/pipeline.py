@@ -154,7 +154,6 @@ def ask_server_if_unsure(
         source="server",
         latency_ms=edge.latency_ms + _ms(started),
         fallback="answered",
-        extra={"edge_top_k": [c.to_dict() for c in edge.categories]},
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -29,7 +29,6 @@ class Classification:
     latency_ms: float = 0.0
     error: dict[str, str] | None = None
     fallback: str | None = None  # None, "answered", or why it was unavailable
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def label(self) -> str | None:
