@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import io
 import os
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+from converter.progress import native_log_captured
 
 from .errors import ModelLoadError
 
@@ -147,29 +149,19 @@ def gpu_delegate_path(option: str | None = None) -> str | None:
 
 
 @contextlib.contextmanager
-def _quiet_native_log():
+def _quiet_native_log() -> Iterator[None]:
     """Hide the interpreter's C++ start-up lines ("INFO: Created TensorFlow Lite XNNPACK delegate")
     from fd 2; if loading fails, they are passed on so the cause is not lost."""
+    captured: io.StringIO | None = None
     try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError, AttributeError):
-        yield
-        return
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        failed = True
-        try:
+        with native_log_captured() as (log, _terminal):
+            captured = log
             yield
-            failed = False
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            if failed:
-                sink.seek(0)
-                text = sink.read().decode("utf-8", "replace").strip()
-                if text:
-                    print(text, file=sys.stderr)
+    except BaseException:
+        text = captured.getvalue().strip() if captured is not None else ""
+        if text:
+            print(text, file=sys.stderr)
+        raise
 
 
 def _one_line(exc: BaseException) -> str:
