@@ -17,6 +17,7 @@ from typing import BinaryIO, Union
 import numpy as np
 from PIL import Image, ImageFile
 
+from . import _fastjpeg
 from ._errors import InvalidImageError
 from ._sniff import sniff_format
 
@@ -94,12 +95,15 @@ def load_image(
     *,
     limits: DecodeLimits = DEFAULT_LIMITS,
     draft_size: tuple[int, int] | None = None,
+    threads: int | None = None,
 ) -> np.ndarray:
     """Decode `source` into an upright RGB `uint8` array of shape (height, width, 3).
 
     EXIF orientation is applied and transparency is composited on white. With `draft_size`
     (width, height), a JPEG is decoded through libjpeg's DCT scaling to the smallest size of
     1/1, 1/2, 1/4 or 1/8 that still covers it: far faster for large photos, and part of the spec.
+    At 1/8 the decode runs on up to `threads` cores (default: two where there are two) with the
+    same pixels as a one-core decode.
     """
     data = read_source(source, limits)
     image = _open(data, limits)
@@ -109,13 +113,19 @@ def load_image(
         if orientation in (5, 6, 7, 8):
             width, height = height, width
         image.draft(None, (max(1, int(width)), max(1, int(height))))
+        fast = _fastjpeg.decode_draft(data, image, threads)
+        if fast is not None:
+            return _upright(_to_rgb(fast), orientation)
     try:
         image.load()
     except Image.DecompressionBombError as exc:
         raise _pixels_too_large(image.size, limits) from exc
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError) as exc:
         raise _decode_error(exc, data) from exc
-    rgb = _to_rgb(image)
+    return _upright(_to_rgb(image), orientation)
+
+
+def _upright(rgb: Image.Image, orientation: int) -> np.ndarray:
     transpose = _TRANSPOSE_FOR_ORIENTATION.get(orientation)
     if transpose is not None:
         rgb = rgb.transpose(transpose)

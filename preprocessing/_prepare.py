@@ -34,11 +34,19 @@ def prepare(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 
 
 def preprocess(
-    source: ImageSource, spec: PreprocessSpec, *, limits: DecodeLimits = DEFAULT_LIMITS
+    source: ImageSource,
+    spec: PreprocessSpec,
+    *,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+    threads: int | None = None,
 ) -> np.ndarray:
-    """Decode `source` and prepare it: the one path every part of the system uses for a photo."""
+    """Decode `source` and prepare it: the one path every part of the system uses for a photo.
+
+    `threads` bounds the cores one big JPEG's decode may use (default: two where there are two);
+    it changes the speed, never the tensor. Callers that already decode photos in parallel pass 1.
+    """
     draft = spec.size if spec.jpeg_draft else None
-    return prepare(load_image(source, limits=limits, draft_size=draft), spec)
+    return prepare(load_image(source, limits=limits, draft_size=draft, threads=threads), spec)
 
 
 def _fit(image: Image.Image, spec: PreprocessSpec) -> Image.Image:

@@ -1,0 +1,54 @@
+"""Big JPEGs at 1/8 scale on two cores, to exactly the pixels Pillow's `draft()` decode gives.
+
+A 12-megapixel phone photo spends nearly all its decode time in the serial Huffman decode of its
+bitstream, even at 1/8 scale. The C module `_jpeg8` splits that work across two threads (see the
+comment at the top of `_jpeg8.c`) and replicates libjpeg-turbo's scaled IDCT and colour arithmetic,
+so the result is bit-identical: this is an accelerator, not a second implementation. Anything it
+does not reproduce exactly (progressive, CMYK, 4:2:2, damaged data, ...) it declines, and Pillow
+decodes the photo as before. Where the module could not be compiled, Pillow decodes everything.
+"""
+
+from __future__ import annotations
+
+import os
+
+from PIL import Image
+
+try:
+    from . import _jpeg8
+except ImportError:  # installed without a C compiler
+    _jpeg8 = None
+
+#: Set EDGE_CLASSIFY_FAST_JPEG=0 to decode every photo with Pillow (same pixels, slower).
+ENV_SWITCH = "EDGE_CLASSIFY_FAST_JPEG"
+
+
+def available() -> bool:
+    """Whether the two-core decoder is compiled in and not switched off."""
+    return _jpeg8 is not None and os.environ.get(ENV_SWITCH, "1") != "0"
+
+
+def default_threads() -> int:
+    """Two threads where there are two cores, else one."""
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
+
+
+def decode_draft(data: bytes, image: Image.Image, threads: int | None = None) -> Image.Image | None:
+    """The pixels of `image` (opened from `data`, `draft()` already applied), or None.
+
+    None means: not a 1/8-scale draft, or a file this decoder leaves to Pillow; call `image.load()`.
+    """
+    if not available() or image.mode not in ("RGB", "L"):
+        return None
+    config = getattr(image, "decoderconfig", ())
+    if not config or config[0] != 8:
+        return None
+    result = _jpeg8.decode_eighth(data, threads or default_threads())  # type: ignore[union-attr]
+    if result is None:
+        return None
+    width, height, channels, pixels = result
+    if (width, height) != image.size or channels != len(image.mode):
+        return None
+    decoded = Image.frombytes(image.mode, image.size, pixels)
+    decoded.info = dict(image.info)
+    return decoded

@@ -1,0 +1,929 @@
+/*
+ * _jpeg8: decode a baseline JPEG at 1/8 scale on two cores, bit-identical to libjpeg-turbo.
+ *
+ * At 1/8 scale libjpeg keeps one pixel per 8x8 luma block (its DC term) and, for 4:2:0 photos, a
+ * 2x2 reduced IDCT of each chroma block. The pixels are cheap; what costs is the Huffman decode of
+ * the whole bitstream (about 20 ms for a 12-megapixel phone photo), which is serial. This module
+ * splits it across two threads:
+ *
+ *   - with restart markers (DRI), each thread takes whole restart intervals;
+ *   - without them, the second thread starts decoding at the middle of the bitstream with a guessed
+ *     state, and records where each block it decoded began. Huffman codes resynchronise: the first
+ *     thread, decoding from the start, soon reaches a block start that the second thread recorded
+ *     with the same bit position and block phase. From that point the two decodes are the same
+ *     (decoding is deterministic from there), so the first thread stops and takes the second
+ *     thread's results. DC terms are stored as differences and summed at the end, so the second
+ *     thread's unknown starting predictors do not matter. When no match is found the first thread
+ *     simply decodes everything: the result is always the serial decode.
+ *
+ * The IDCT reductions and the YCbCr->RGB conversion replicate libjpeg-turbo's integer arithmetic
+ * (jidctred.c's 1x1 and 2x2 IDCTs, jdcolor.c's tables), so the pixels equal what Pillow's
+ * `draft()` decode gives; tests compare them on real photos. Anything this decoder does not handle
+ * exactly (progressive or arithmetic coding, 12-bit, CMYK, Adobe/RGB colour, 4:2:2, multiple scans,
+ * damaged data) returns None, and the caller decodes with Pillow as before.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define FAST_BITS 9
+#define PAD_BYTES 1024
+#define BAD UINT64_MAX
+#define MAX_COMPS 3
+#define MAX_PHASES 6
+#define PUBLISH_EVERY 64
+#define MIN_PARALLEL_BYTES (256 * 1024)
+
+typedef struct {
+    uint16_t fast[1 << FAST_BITS]; /* (length << 8) | symbol; 0 when the code is longer */
+    int32_t maxcode[18];
+    int32_t valoffset[18];
+    uint8_t huffval[256];
+    uint8_t counts[16];
+    uint32_t lut[1 << 11]; /* AC only: see build_ac_lookup */
+    int defined;
+} Huff;
+
+typedef struct {
+    int id, h, v, tq, td, ta;
+} Comp;
+
+typedef struct {
+    /* frame */
+    int width, height, ncomp, hmax, vmax;
+    Comp comp[MAX_COMPS];
+    uint16_t qt[4][64]; /* natural order */
+    int qt_defined[4];
+    Huff dc[4], ac[4];
+    int dri;
+    /* layout */
+    int mcux, mcuy, nmcu, bpm;          /* MCUs across, down, total; blocks per MCU */
+    int phase_comp[MAX_PHASES];         /* component of each block in an MCU */
+    int phase_dx[MAX_PHASES], phase_dy[MAX_PHASES];
+    int chroma2x2;                      /* chroma blocks get the 2x2 reduced IDCT (4:2:0) */
+    int phase_chroma_slot[MAX_PHASES];  /* -1 for 1x1 blocks, else slot within the MCU */
+    int chroma_per_mcu;
+    int32_t q25[MAX_COMPS][25];          /* quantisers in SLOT25 order */
+    /* entropy-coded data, unstuffed, padded with zeros */
+    uint8_t *buf;
+    uint64_t nbits;
+    uint32_t *rst_start;                /* byte offset where each restart interval starts */
+    int nintervals;
+    /* results, in absolute block order */
+    int16_t *dcdiff;                    /* per block */
+    int32_t *ws;                        /* per chroma block: 2x2 IDCT pass-1 workspace, DC excluded */
+} Jpeg;
+
+static const uint8_t ZIGZAG_TO_NATURAL[64] = {
+    0,  1,  8,  16, 9,  2,  3,  10, 17, 24, 32, 25, 18, 11, 4,  5,
+    12, 19, 26, 33, 40, 48, 41, 34, 27, 20, 13, 6,  7,  14, 21, 28,
+    35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15, 23, 30, 37, 44, 51,
+    58, 59, 52, 45, 38, 31, 39, 46, 53, 60, 61, 54, 47, 55, 62, 63};
+
+static uint8_t IDCT_LIMIT[1024]; /* libjpeg's post-IDCT range limit, indexed by (x & 1023) */
+static int CR_R[256], CB_B[256];
+static int64_t CR_G[256], CB_G[256];
+
+static void init_tables(void)
+{
+    for (int i = 0; i < 1024; i++) {
+        if (i < 128) IDCT_LIMIT[i] = (uint8_t)(128 + i);
+        else if (i < 512) IDCT_LIMIT[i] = 255;
+        else if (i < 896) IDCT_LIMIT[i] = 0;
+        else IDCT_LIMIT[i] = (uint8_t)(i - 896);
+    }
+#define SCALEBITS 16
+#define ONE_HALF ((int64_t)1 << (SCALEBITS - 1))
+#define FIX(x) ((int64_t)((x) * (1L << SCALEBITS) + 0.5))
+    for (int i = 0; i < 256; i++) {
+        int64_t x = i - 128;
+        CR_R[i] = (int)((FIX(1.40200) * x + ONE_HALF) >> SCALEBITS);
+        CB_B[i] = (int)((FIX(1.77200) * x + ONE_HALF) >> SCALEBITS);
+        CR_G[i] = (-FIX(0.71414)) * x;
+        CB_G[i] = (-FIX(0.34414)) * x + ONE_HALF;
+    }
+}
+
+/* ---- Huffman tables ------------------------------------------------------------------------ */
+
+static void build_ac_lookup(const Huff *h, const uint8_t *counts, uint32_t *lut);
+
+static int build_huff(Huff *h, const uint8_t *counts, const uint8_t *vals, int nvals, int is_dc)
+{
+    uint16_t huffcode[257];
+    uint8_t huffsize[257];
+    int k = 0;
+    for (int l = 1; l <= 16; l++)
+        for (int i = 0; i < counts[l - 1]; i++) {
+            if (k >= 256) return -1;
+            huffsize[k++] = (uint8_t)l;
+        }
+    if (k != nvals) return -1;
+    huffsize[k] = 0;
+    int code = 0, si = huffsize[0], p = 0;
+    while (huffsize[p]) {
+        while (huffsize[p] == si) {
+            huffcode[p++] = (uint16_t)code;
+            code++;
+        }
+        if (code >= (1 << si)) return -1; /* libjpeg: JERR_BAD_HUFF_TABLE */
+        code <<= 1;
+        si++;
+    }
+    memset(h, 0, sizeof *h);
+    memcpy(h->huffval, vals, (size_t)nvals);
+    memcpy(h->counts, counts, 16);
+    if (is_dc)
+        for (int i = 0; i < nvals; i++)
+            if (vals[i] > 15) return -1;
+    p = 0;
+    for (int l = 1; l <= 16; l++) {
+        if (counts[l - 1]) {
+            h->valoffset[l] = p - huffcode[p];
+            p += counts[l - 1];
+            h->maxcode[l] = huffcode[p - 1];
+        } else {
+            h->maxcode[l] = -1;
+        }
+    }
+    h->maxcode[17] = INT32_MAX;
+    for (p = 0; p < nvals; p++) {
+        int size = huffsize[p];
+        if (size > FAST_BITS) continue;
+        int base = huffcode[p] << (FAST_BITS - size);
+        for (int i = 0; i < (1 << (FAST_BITS - size)); i++)
+            h->fast[base + i] = (uint16_t)((size << 8) | vals[p]);
+    }
+    if (!is_dc) build_ac_lookup(h, counts, h->lut);
+    h->defined = 1;
+    return 0;
+}
+
+static inline uint64_t peek64(const uint8_t *buf, uint64_t pos)
+{
+    uint64_t v;
+    memcpy(&v, buf + (pos >> 3), 8);
+    return __builtin_bswap64(v) << (pos & 7); /* at least 57 valid bits */
+}
+
+static inline int huff_decode(const Huff *h, uint64_t w, int *len)
+{
+    uint16_t e = h->fast[w >> (64 - FAST_BITS)];
+    if (e) {
+        *len = e >> 8;
+        return e & 0xFF;
+    }
+    for (int l = FAST_BITS + 1; l <= 16; l++) {
+        int32_t code = (int32_t)(w >> (64 - l));
+        if (code <= h->maxcode[l]) {
+            *len = l;
+            return h->huffval[(code + h->valoffset[l]) & 0xFF];
+        }
+    }
+    return -1;
+}
+
+static inline int extend(uint32_t v, int s)
+{
+    return (v < (1u << (s - 1))) ? (int)v - (1 << s) + 1 : (int)v;
+}
+
+/* AC symbols whose code and extra bits fit in AC_BITS decode with one lookup:
+ * bits 0-4 length, 5-11 how far k advances, 12 end of block, 13 zero run, 16-31 the value. */
+#define AC_BITS 11
+#define AC_EOB (1u << 12)
+#define AC_ZRL (1u << 13)
+
+static void build_ac_lookup(const Huff *h, const uint8_t *counts, uint32_t *lut)
+{
+    memset(lut, 0, sizeof(uint32_t) << AC_BITS);
+    int code = 0, p = 0;
+    for (int len = 1; len <= 16; len++, code <<= 1)
+        for (int i = 0; i < counts[len - 1]; i++, code++, p++) {
+            int rs = h->huffval[p], r = rs >> 4, s = rs & 15;
+            if (s == 0) {
+                if (len > AC_BITS) continue;
+                uint32_t e = (uint32_t)len | (r == 15 ? (16u << 5) | AC_ZRL : AC_EOB);
+                int base = code << (AC_BITS - len);
+                for (int k = 0; k < (1 << (AC_BITS - len)); k++) lut[base + k] = e;
+            } else {
+                if (len + s > AC_BITS) continue;
+                for (int extra = 0; extra < (1 << s); extra++) {
+                    int value = extend((uint32_t)extra, s);
+                    uint32_t e = (uint32_t)(len + s) | ((uint32_t)(r + 1) << 5) | ((uint32_t)(uint16_t)value << 16);
+                    int base = ((code << s) | extra) << (AC_BITS - len - s);
+                    for (int k = 0; k < (1 << (AC_BITS - len - s)); k++) lut[base + k] = e;
+                }
+            }
+        }
+}
+
+/* The 25 coefficients the 2x2 reduced IDCT reads: rows and columns 0, 1, 3, 5, 7. */
+static int8_t SLOT25[64];
+
+static void init_slot25(void)
+{
+    static const int keep[8] = {0, 1, -1, 2, -1, 3, -1, 4};
+    for (int i = 0; i < 64; i++) {
+        int r = keep[i / 8], c = keep[i % 8];
+        SLOT25[i] = (int8_t)((r < 0 || c < 0) ? -1 : r * 5 + c);
+    }
+}
+
+/* Decode one block from bit `pos`: the DC difference into *dcdiff and, when `c25` is given, the
+ * coefficients the 2x2 IDCT needs. Returns the bit position after the block, or BAD. */
+static inline __attribute__((always_inline)) uint64_t
+decode_block(const uint8_t *buf, uint64_t pos, const Huff *dc, const Huff *ac, const uint32_t *lut,
+             int *dcdiff, int16_t *c25)
+{
+    int len;
+    uint64_t w = peek64(buf, pos);
+    int used;
+    int s = huff_decode(dc, w, &len);
+    if (s < 0 || s > 15) return BAD;
+    w <<= len;
+    used = len;
+    int diff = 0;
+    if (s) {
+        diff = extend((uint32_t)(w >> (64 - s)), s);
+        w <<= s;
+        used += s;
+    }
+    *dcdiff = diff;
+    for (int k = 1; k < 64;) {
+        if (used > 26) { /* keep at least 31 valid bits: the longest code plus its extra bits */
+            pos += (uint64_t)used;
+            w = peek64(buf, pos);
+            used = 0;
+        }
+        uint32_t e = lut[w >> (64 - AC_BITS)];
+        if (e) {
+            int l = e & 31;
+            w <<= l;
+            used += l;
+            if (e & AC_EOB) break;
+            k += (e >> 5) & 127;
+            if (k > 64 && !(e & AC_ZRL)) return BAD;
+            if (c25 && !(e & AC_ZRL)) {
+                int slot = SLOT25[ZIGZAG_TO_NATURAL[k - 1]];
+                if (slot >= 0) c25[slot] = (int16_t)(e >> 16);
+            }
+            continue;
+        }
+        int rs = huff_decode(ac, w, &len);
+        if (rs < 0) return BAD;
+        w <<= len;
+        used += len;
+        int r = rs >> 4;
+        s = rs & 15;
+        if (s) {
+            k += r;
+            if (k > 63) return BAD;
+            if (c25) {
+                int slot = SLOT25[ZIGZAG_TO_NATURAL[k]];
+                if (slot >= 0) c25[slot] = (int16_t)extend((uint32_t)(w >> (64 - s)), s);
+            }
+            w <<= s;
+            used += s;
+            k++;
+        } else {
+            if (r != 15) break;
+            k += 16;
+        }
+    }
+    return pos + (uint64_t)used;
+}
+
+/* ---- reduced IDCTs (libjpeg-turbo jidctred.c arithmetic, CONST_BITS 13, PASS1_BITS 2) ---------- */
+
+#define DESCALE(x, n) (((x) + ((int64_t)1 << ((n) - 1))) >> (n))
+
+/* Pass 1 of the 2x2 IDCT over columns 0,1,3,5,7, with the DC term left out (it is added when the DC
+ * predictors are known: pass 1 is exactly linear in it). `in` and `q` are in SLOT25 order;
+ * ws[2*i + row] for column index i. */
+static void idct2x2_pass1(const int16_t *in, const int32_t *q, int32_t *ws)
+{
+    for (int i = 0; i < 5; i++) {
+        int64_t top = (i == 0) ? 0 : (int64_t)in[i] * q[i];
+        if (in[5 + i] == 0 && in[10 + i] == 0 && in[15 + i] == 0 && in[20 + i] == 0) {
+            ws[2 * i] = ws[2 * i + 1] = (int32_t)(top * 4);
+            continue;
+        }
+        int64_t tmp10 = top * ((int64_t)1 << 15);
+        int64_t tmp0 = (int64_t)in[20 + i] * q[20 + i] * -5906 + (int64_t)in[15 + i] * q[15 + i] * 6967 +
+                       (int64_t)in[10 + i] * q[10 + i] * -10426 + (int64_t)in[5 + i] * q[5 + i] * 29692;
+        ws[2 * i] = (int32_t)DESCALE(tmp10 + tmp0, 13);
+        ws[2 * i + 1] = (int32_t)DESCALE(tmp10 - tmp0, 13);
+    }
+}
+
+static void idct2x2_pass2(const int32_t *ws, int dcq, uint8_t out[2][2])
+{
+    for (int row = 0; row < 2; row++) {
+        int64_t w0 = (int64_t)ws[row] + (int64_t)dcq * 4, w1 = ws[2 + row], w3 = ws[4 + row],
+                w5 = ws[6 + row], w7 = ws[8 + row];
+        if (w1 == 0 && w3 == 0 && w5 == 0 && w7 == 0) {
+            out[row][0] = out[row][1] = IDCT_LIMIT[DESCALE(w0, 5) & 1023];
+            continue;
+        }
+        int64_t tmp10 = w0 * ((int64_t)1 << 15);
+        int64_t tmp0 = w7 * -5906 + w5 * 6967 + w3 * -10426 + w1 * 29692;
+        out[row][0] = IDCT_LIMIT[DESCALE(tmp10 + tmp0, 20) & 1023];
+        out[row][1] = IDCT_LIMIT[DESCALE(tmp10 - tmp0, 20) & 1023];
+    }
+}
+
+/* ---- buffer pool ------------------------------------------------------------------------------- */
+/* A 12-megapixel photo needs about 10 MB of scratch memory. Fresh pages cost a page fault each
+ * (milliseconds per photo), so the last buffers of each kind are kept for the next photo. */
+enum { POOL_BUF, POOL_RST, POOL_DC, POOL_WS, POOL_REC, POOL_WS2, POOL_PLANES, POOL_KINDS };
+static pthread_mutex_t POOL_LOCK = PTHREAD_MUTEX_INITIALIZER;
+static void *POOL_PTR[POOL_KINDS];
+static size_t POOL_SIZE[POOL_KINDS];
+
+static void *pool_get(int kind, size_t size)
+{
+    void *p = NULL;
+    pthread_mutex_lock(&POOL_LOCK);
+    if (POOL_PTR[kind] && POOL_SIZE[kind] >= size) {
+        p = POOL_PTR[kind];
+        POOL_PTR[kind] = NULL;
+    }
+    pthread_mutex_unlock(&POOL_LOCK);
+    if (p) return p;
+    size_t *block = malloc(size + 16);
+    if (!block) return NULL;
+    block[0] = size;
+    return (char *)block + 16;
+}
+
+static void pool_put(int kind, void *p)
+{
+    if (!p) return;
+    size_t *block = (size_t *)((char *)p - 16);
+    pthread_mutex_lock(&POOL_LOCK);
+    if (!POOL_PTR[kind] || POOL_SIZE[kind] < block[0]) {
+        void *old = POOL_PTR[kind];
+        POOL_PTR[kind] = p;
+        POOL_SIZE[kind] = block[0];
+        p = old;
+    }
+    pthread_mutex_unlock(&POOL_LOCK);
+    if (p) free((char *)p - 16);
+}
+
+/* ---- header parsing ---------------------------------------------------------------------------- */
+
+static inline int u16(const uint8_t *p) { return (p[0] << 8) | p[1]; }
+
+/* Parse markers up to the start of scan; returns the offset of the entropy-coded data, or -1 when
+ * this decoder should not handle the file. */
+static Py_ssize_t parse_headers(Jpeg *j, const uint8_t *d, Py_ssize_t n)
+{
+    Py_ssize_t i = 2;
+    int have_sof = 0;
+    if (n < 4 || d[0] != 0xFF || d[1] != 0xD8) return -1;
+    while (i + 4 <= n) {
+        if (d[i] != 0xFF) return -1;
+        int m = d[i + 1];
+        if (m == 0xFF) { i++; continue; }
+        int len = u16(d + i + 2);
+        if (len < 2 || i + 2 + len > n) return -1;
+        const uint8_t *s = d + i + 4;
+        int sl = len - 2;
+        switch (m) {
+        case 0xC0: case 0xC1: { /* baseline / extended sequential, Huffman */
+            if (have_sof || sl < 6 || s[0] != 8) return -1;
+            j->height = u16(s + 1);
+            j->width = u16(s + 3);
+            j->ncomp = s[5];
+            if (j->height == 0 || j->width == 0) return -1; /* DNL */
+            if (!(j->ncomp == 1 || j->ncomp == 3) || sl < 6 + 3 * j->ncomp) return -1;
+            for (int c = 0; c < j->ncomp; c++) {
+                j->comp[c].id = s[6 + 3 * c];
+                j->comp[c].h = s[7 + 3 * c] >> 4;
+                j->comp[c].v = s[7 + 3 * c] & 15;
+                j->comp[c].tq = s[8 + 3 * c];
+                if (j->comp[c].tq > 3) return -1;
+            }
+            have_sof = 1;
+            break;
+        }
+        case 0xC4: { /* DHT */
+            int off = 0;
+            while (off + 17 <= sl) {
+                int tc = s[off] >> 4, th = s[off] & 15;
+                const uint8_t *counts = s + off + 1;
+                int total = 0;
+                for (int l = 0; l < 16; l++) total += counts[l];
+                if (tc > 1 || th > 3 || total > 256 || off + 17 + total > sl) return -1;
+                Huff *h = tc ? &j->ac[th] : &j->dc[th];
+                if (build_huff(h, counts, s + off + 17, total, tc == 0) != 0) return -1;
+                off += 17 + total;
+            }
+            if (off != sl) return -1;
+            break;
+        }
+        case 0xDB: { /* DQT */
+            int off = 0;
+            while (off < sl) {
+                int pq = s[off] >> 4, tq = s[off] & 15;
+                int size = pq ? 128 : 64;
+                if (pq > 1 || tq > 3 || off + 1 + size > sl) return -1;
+                for (int k = 0; k < 64; k++)
+                    j->qt[tq][ZIGZAG_TO_NATURAL[k]] =
+                        (uint16_t)(pq ? u16(s + off + 1 + 2 * k) : s[off + 1 + k]);
+                j->qt_defined[tq] = 1;
+                off += 1 + size;
+            }
+            break;
+        }
+        case 0xDD: /* DRI */
+            if (sl < 2) return -1;
+            j->dri = u16(s);
+            break;
+        case 0xEE: /* APP14: an Adobe marker may say the colours are RGB or CMYK */
+            if (sl >= 5 && memcmp(s, "Adobe", 5) == 0) return -1;
+            break;
+        case 0xDA: { /* SOS */
+            if (!have_sof || sl < 1) return -1;
+            int ns = s[0];
+            if (ns != j->ncomp || sl < 1 + 2 * ns + 3) return -1;
+            for (int c = 0; c < ns; c++) {
+                if (s[1 + 2 * c] != j->comp[c].id) return -1;
+                j->comp[c].td = s[2 + 2 * c] >> 4;
+                j->comp[c].ta = s[2 + 2 * c] & 15;
+                if (j->comp[c].td > 3 || j->comp[c].ta > 3) return -1;
+                if (!j->dc[j->comp[c].td].defined || !j->ac[j->comp[c].ta].defined) return -1;
+                if (!j->qt_defined[j->comp[c].tq]) return -1;
+            }
+            const uint8_t *t = s + 1 + 2 * ns;
+            if (t[0] != 0 || t[1] != 63 || t[2] != 0) return -1;
+            return i + 2 + len;
+        }
+        default:
+            if ((m >= 0xC2 && m <= 0xCF) || m == 0xD8 || m == 0xD9 || (m >= 0xD0 && m <= 0xD7))
+                return -1; /* progressive, lossless, arithmetic, or misplaced markers */
+            break;
+        }
+        i += 2 + len;
+    }
+    return -1;
+}
+
+/* Which layouts: grayscale, 4:4:4 and 4:2:0 YCbCr. */
+static int plan_layout(Jpeg *j)
+{
+    if (j->ncomp == 1) {
+        j->hmax = j->vmax = 1;
+        j->mcux = (j->width + 7) / 8;
+        j->mcuy = (j->height + 7) / 8;
+        j->bpm = 1;
+        j->phase_comp[0] = 0;
+        j->phase_dx[0] = j->phase_dy[0] = 0;
+        j->phase_chroma_slot[0] = -1;
+        j->chroma2x2 = 0;
+        j->chroma_per_mcu = 0;
+    } else {
+        /* libjpeg treats component ids 'R','G','B' (without JFIF) as RGB colour: leave those to it. */
+        if (j->comp[0].id == 'R' && j->comp[1].id == 'G' && j->comp[2].id == 'B') return -1;
+        int y_h = j->comp[0].h, y_v = j->comp[0].v;
+        for (int c = 1; c < 3; c++)
+            if (j->comp[c].h != 1 || j->comp[c].v != 1) return -1;
+        if (!((y_h == 1 && y_v == 1) || (y_h == 2 && y_v == 2))) return -1;
+        j->hmax = y_h;
+        j->vmax = y_v;
+        j->mcux = (j->width + 8 * y_h - 1) / (8 * y_h);
+        j->mcuy = (j->height + 8 * y_v - 1) / (8 * y_v);
+        j->chroma2x2 = (y_h == 2);
+        int b = 0;
+        for (int dy = 0; dy < y_v; dy++)
+            for (int dx = 0; dx < y_h; dx++, b++) {
+                j->phase_comp[b] = 0;
+                j->phase_dx[b] = dx;
+                j->phase_dy[b] = dy;
+                j->phase_chroma_slot[b] = -1;
+            }
+        for (int c = 1; c < 3; c++, b++) {
+            j->phase_comp[b] = c;
+            j->phase_dx[b] = j->phase_dy[b] = 0;
+            j->phase_chroma_slot[b] = j->chroma2x2 ? c - 1 : -1;
+        }
+        j->bpm = b;
+        j->chroma_per_mcu = j->chroma2x2 ? 2 : 0;
+    }
+    j->nmcu = j->mcux * j->mcuy;
+    return 0;
+}
+
+/* Copy the entropy-coded segment without byte stuffing, noting where each restart interval starts.
+ * Returns 0, or -1 when the data does not end with EOI after well-ordered restart markers. */
+static int unstuff(Jpeg *j, const uint8_t *d, Py_ssize_t start, Py_ssize_t n)
+{
+    int max_rst = j->dri ? (j->nmcu + j->dri - 1) / j->dri : 1;
+    j->buf = pool_get(POOL_BUF, (size_t)(n - start) + PAD_BYTES);
+    j->rst_start = pool_get(POOL_RST, sizeof(uint32_t) * (size_t)max_rst);
+    if (!j->buf || !j->rst_start) return -1;
+    uint8_t *o = j->buf;
+    j->rst_start[0] = 0;
+    j->nintervals = 1;
+    Py_ssize_t i = start;
+    for (;;) {
+        const uint8_t *ff = memchr(d + i, 0xFF, (size_t)(n - i));
+        if (!ff) return -1; /* no EOI: truncated */
+        Py_ssize_t at = ff - d;
+        memcpy(o, d + i, (size_t)(at - i));
+        o += at - i;
+        i = at + 1;
+        while (i < n && d[i] == 0xFF) i++; /* fill bytes */
+        if (i >= n) return -1;
+        int m = d[i++];
+        if (m == 0x00) {
+            *o++ = 0xFF;
+        } else if (m >= 0xD0 && m <= 0xD7) {
+            if (!j->dri || j->nintervals >= max_rst) return -1;
+            if (m - 0xD0 != (j->nintervals - 1) % 8) return -1;
+            j->rst_start[j->nintervals++] = (uint32_t)(o - j->buf);
+        } else if (m == 0xD9) {
+            break;
+        } else {
+            return -1; /* another scan, DNL, ...: not for this decoder */
+        }
+    }
+    if (j->dri && j->nintervals != max_rst) return -1;
+    size_t used = (size_t)(o - j->buf);
+    if (used > (size_t)UINT32_MAX / 8) return -1;
+    memset(o, 0, PAD_BYTES);
+    j->nbits = (uint64_t)used * 8;
+    return 0;
+}
+
+/* ---- decoding ---------------------------------------------------------------------------------- */
+
+typedef struct {
+    uint32_t pos;
+    int16_t dcdiff;
+    uint8_t phase;  /* 0xFF: a decode error started here */
+    uint8_t pad;
+} Record;
+
+typedef struct {
+    Jpeg *j;
+    uint64_t start;
+    Record *rec;
+    int32_t *ws;
+    size_t cap;
+    _Atomic size_t published;
+    atomic_int stop;
+    atomic_int done;
+    size_t count;
+} Speculator;
+
+/* Decode MCUs [m0, m1) from bit `pos` into the absolute arrays, restarting at interval boundaries.
+ * With `spec`, stop at the first block start the speculating thread also reached: *sync_block is
+ * set to the absolute block index and *sync_rec to its record. Returns the end position or BAD. */
+static uint64_t decode_mcus(Jpeg *j, int m0, int m1, uint64_t pos, Speculator *spec, size_t *sync_block,
+                            size_t *sync_rec)
+{
+    int16_t c25[25];
+    size_t r = 0;
+    uint64_t watch_from = spec ? spec->start : UINT64_MAX;
+    for (int m = m0; m < m1; m++) {
+        if (j->dri && m > m0 && m % j->dri == 0) {
+            uint64_t next = (uint64_t)j->rst_start[m / j->dri] * 8;
+            if (pos > next || next - pos >= 8) return BAD; /* interval did not end at its marker */
+            pos = next;
+        }
+        for (int b = 0; b < j->bpm; b++) {
+            if (pos >= watch_from) {
+                int done = atomic_load_explicit(&spec->done, memory_order_acquire);
+                size_t avail = atomic_load_explicit(&spec->published, memory_order_acquire);
+                while (r < avail && spec->rec[r].pos < pos) r++;
+                if (r < avail && spec->rec[r].pos == pos && spec->rec[r].phase == b) {
+                    *sync_block = (size_t)m * j->bpm + b;
+                    *sync_rec = r;
+                    return pos;
+                }
+                if (r >= avail && done) watch_from = UINT64_MAX; /* it stopped short of here */
+            }
+            int ci = j->phase_comp[b];
+            const Comp *c = &j->comp[ci];
+            int slot = j->phase_chroma_slot[b];
+            int diff;
+            if (slot >= 0) {
+                memset(c25, 0, sizeof c25);
+                pos = decode_block(j->buf, pos, &j->dc[c->td], &j->ac[c->ta], j->ac[c->ta].lut, &diff, c25);
+                if (pos != BAD)
+                    idct2x2_pass1(c25, j->q25[ci], j->ws + ((size_t)m * j->chroma_per_mcu + slot) * 10);
+            } else {
+                pos = decode_block(j->buf, pos, &j->dc[c->td], &j->ac[c->ta], j->ac[c->ta].lut, &diff, NULL);
+            }
+            if (pos == BAD || pos > j->nbits) return BAD;
+            j->dcdiff[(size_t)m * j->bpm + b] = (int16_t)diff;
+        }
+    }
+    return pos;
+}
+
+static void *speculate(void *arg)
+{
+    Speculator *sp = arg;
+    Jpeg *j = sp->j;
+    int16_t c25[25];
+    uint64_t pos = sp->start;
+    int phase = 0;
+    uint32_t cslot = 0;
+    size_t n = 0;
+    while (n < sp->cap && pos < j->nbits) {
+        if ((n & 1023) == 0 && atomic_load_explicit(&sp->stop, memory_order_relaxed)) break;
+        Record *rec = &sp->rec[n];
+        rec->pos = (uint32_t)pos;
+        rec->phase = (uint8_t)phase;
+        int ci = j->phase_comp[phase];
+        const Comp *c = &j->comp[ci];
+        int slot = j->phase_chroma_slot[phase];
+        int diff;
+        uint64_t next;
+        if (slot >= 0) {
+            memset(c25, 0, sizeof c25);
+            next = decode_block(j->buf, pos, &j->dc[c->td], &j->ac[c->ta], j->ac[c->ta].lut, &diff, c25);
+        } else {
+            next = decode_block(j->buf, pos, &j->dc[c->td], &j->ac[c->ta], j->ac[c->ta].lut, &diff, NULL);
+        }
+        if (next == BAD || next > j->nbits) {
+            rec->phase = 0xFF; /* garbage (before synchronising) or a real error: never matches */
+            pos++;
+            phase = 0;
+        } else {
+            rec->dcdiff = (int16_t)diff;
+            if (slot >= 0) idct2x2_pass1(c25, j->q25[ci], sp->ws + (size_t)cslot++ * 10);
+            pos = next;
+            phase = (phase + 1) % j->bpm;
+        }
+        n++;
+        if ((n % PUBLISH_EVERY) == 0) atomic_store_explicit(&sp->published, n, memory_order_release);
+    }
+    sp->count = n;
+    atomic_store_explicit(&sp->published, n, memory_order_release);
+    atomic_store_explicit(&sp->done, 1, memory_order_release);
+    return NULL;
+}
+
+typedef struct {
+    Jpeg *j;
+    int m0, m1;
+    uint64_t result;
+} Range;
+
+static void *decode_range_thread(void *arg)
+{
+    Range *rg = arg;
+    rg->result = decode_mcus(rg->j, rg->m0, rg->m1, (uint64_t)rg->j->rst_start[rg->m0 / rg->j->dri] * 8,
+                             NULL, NULL, NULL);
+    return NULL;
+}
+
+/* Decode all blocks; returns 0, or -1 on anything libjpeg might treat differently. */
+static int decode_all(Jpeg *j, int threads)
+{
+    size_t total = (size_t)j->nmcu * j->bpm;
+    int parallel = threads > 1 && j->nbits >= (uint64_t)MIN_PARALLEL_BYTES * 8;
+    if (j->dri && parallel && j->nintervals >= 2) {
+        /* Split at the restart interval nearest the middle of the data. */
+        int best = 1;
+        for (int k = 1; k < j->nintervals; k++)
+            if ((uint64_t)j->rst_start[k] * 16 <= j->nbits) best = k;
+        Range second = {j, best * j->dri, j->nmcu, 0};
+        pthread_t t;
+        if (pthread_create(&t, NULL, decode_range_thread, &second) != 0) return -1;
+        uint64_t first = decode_mcus(j, 0, best * j->dri, 0, NULL, NULL, NULL);
+        pthread_join(t, NULL);
+        if (first == BAD || second.result == BAD) return -1;
+        uint64_t next = (uint64_t)j->rst_start[best] * 8;
+        return (first <= next && next - first < 8) ? 0 : -1;
+    }
+    if (j->dri || !parallel) return decode_mcus(j, 0, j->nmcu, 0, NULL, NULL, NULL) == BAD ? -1 : 0;
+
+    Speculator sp;
+    memset(&sp, 0, sizeof sp);
+    sp.j = j;
+    sp.start = j->nbits / 2;
+    sp.cap = total;
+    sp.rec = pool_get(POOL_REC, sizeof(Record) * total);
+    sp.ws = pool_get(POOL_WS2, sizeof(int32_t) * 10 * ((size_t)j->nmcu * j->chroma_per_mcu + 1));
+    atomic_init(&sp.published, 0);
+    atomic_init(&sp.stop, 0);
+    atomic_init(&sp.done, 0);
+    pthread_t t;
+    if (!sp.rec || !sp.ws || pthread_create(&t, NULL, speculate, &sp) != 0) {
+        pool_put(POOL_REC, sp.rec);
+        pool_put(POOL_WS2, sp.ws);
+        return decode_mcus(j, 0, j->nmcu, 0, NULL, NULL, NULL) == BAD ? -1 : 0;
+    }
+    size_t sync_block = SIZE_MAX, sync_rec = 0;
+    int rc = 0;
+    uint64_t pos = decode_mcus(j, 0, j->nmcu, 0, &sp, &sync_block, &sync_rec);
+    if (pos != BAD && sync_block != SIZE_MAX) {
+        pthread_join(t, NULL);
+        size_t need = total - sync_block;
+        int ok = sp.count >= sync_rec + need;
+        for (size_t i = 0; ok && i < need; i++) {
+            const Record *rec = &sp.rec[sync_rec + i];
+            if (rec->phase == 0xFF) ok = 0;
+            else j->dcdiff[sync_block + i] = rec->dcdiff;
+        }
+        if (ok && j->chroma_per_mcu) {
+            /* chroma blocks from the sync point on, in both numberings */
+            size_t m = sync_block / j->bpm;
+            int b = (int)(sync_block % j->bpm);
+            size_t abs_slot = m * j->chroma_per_mcu;
+            for (int k = 0; k < b; k++) abs_slot += j->phase_chroma_slot[k] >= 0;
+            size_t nslots = (size_t)j->nmcu * j->chroma_per_mcu - abs_slot;
+            size_t spec_slot = 0; /* chroma blocks the speculating thread decoded before the sync record */
+            for (size_t k = 0; k < sync_rec; k++)
+                spec_slot += sp.rec[k].phase != 0xFF && j->phase_chroma_slot[sp.rec[k].phase] >= 0;
+            memcpy(j->ws + abs_slot * 10, sp.ws + spec_slot * 10, nslots * 10 * sizeof(int32_t));
+        }
+        if (!ok) {
+            /* The speculating thread ran out of room or hit damaged data: finish serially. The
+             * serial decode reports the damage itself. */
+            int m = (int)(sync_block / j->bpm);
+            if (sync_block % j->bpm) rc = -1; /* cannot resume mid-MCU cheaply; let Pillow decode */
+            else if (decode_mcus(j, m, j->nmcu, pos, NULL, NULL, NULL) == BAD) rc = -1;
+        }
+    } else {
+        atomic_store(&sp.stop, 1);
+        pthread_join(t, NULL);
+        if (pos == BAD) rc = -1;
+    }
+    pool_put(POOL_REC, sp.rec);
+    pool_put(POOL_WS2, sp.ws);
+    return rc;
+}
+
+/* DC sums, reduced IDCTs and colour conversion into `out` (width8 x height8 x ncomp). */
+typedef struct {
+    Jpeg *j;
+    uint8_t *plane[MAX_COMPS];
+    uint8_t *out;
+    int out_w, out_h, my0, my1;
+} RenderJob;
+
+/* DC sums, reduced IDCTs and colour conversion of MCU rows [my0, my1). */
+static void *render_rows(void *arg)
+{
+    RenderJob *rj = arg;
+    Jpeg *j = rj->j;
+    int pw = j->mcux * j->hmax;
+    int pred[MAX_COMPS] = {0, 0, 0};
+    int m0 = rj->my0 * j->mcux, m1 = rj->my1 * j->mcux;
+    /* the DC predictors where this range starts */
+    int first = j->dri ? m0 - m0 % j->dri : 0;
+    for (size_t blk = (size_t)first * j->bpm; blk < (size_t)m0 * j->bpm; blk++)
+        pred[j->phase_comp[blk % j->bpm]] += j->dcdiff[blk];
+    size_t blk = (size_t)m0 * j->bpm;
+    for (int m = m0; m < m1; m++) {
+        if (j->dri && m % j->dri == 0) pred[0] = pred[1] = pred[2] = 0;
+        int mx = m % j->mcux, my = m / j->mcux;
+        for (int b = 0; b < j->bpm; b++, blk++) {
+            int ci = j->phase_comp[b];
+            const Comp *c = &j->comp[ci];
+            pred[ci] += j->dcdiff[blk];
+            int dcq = (int)(int16_t)pred[ci] * j->qt[c->tq][0];
+            int slot = j->phase_chroma_slot[b];
+            if (slot < 0) {
+                int x = mx * c->h + j->phase_dx[b], y = my * c->v + j->phase_dy[b];
+                rj->plane[ci][(size_t)y * pw + x] = IDCT_LIMIT[DESCALE((int64_t)dcq, 3) & 1023];
+            } else {
+                uint8_t px[2][2];
+                idct2x2_pass2(j->ws + ((size_t)m * j->chroma_per_mcu + slot) * 10, dcq, px);
+                uint8_t *p = rj->plane[ci] + (size_t)(my * 2) * pw + mx * 2;
+                p[0] = px[0][0];
+                p[1] = px[0][1];
+                p[pw] = px[1][0];
+                p[pw + 1] = px[1][1];
+            }
+        }
+    }
+    int y0 = rj->my0 * j->vmax, y1 = rj->my1 * j->vmax;
+    if (y1 > rj->out_h) y1 = rj->out_h;
+    int out_w = rj->out_w;
+    for (int y = y0; y < y1; y++) {
+        const uint8_t *py = rj->plane[0] + (size_t)y * pw;
+        if (j->ncomp == 1) {
+            memcpy(rj->out + (size_t)y * out_w, py, (size_t)out_w);
+            continue;
+        }
+        const uint8_t *pb = rj->plane[1] + (size_t)y * pw, *pr = rj->plane[2] + (size_t)y * pw;
+        uint8_t *o = rj->out + (size_t)y * out_w * 3;
+        for (int x = 0; x < out_w; x++) {
+            int yy = py[x], cb = pb[x], cr = pr[x];
+            int r = yy + CR_R[cr];
+            int g = yy + (int)((CB_G[cb] + CR_G[cr]) >> SCALEBITS);
+            int bl = yy + CB_B[cb];
+            o[3 * x] = (uint8_t)(r < 0 ? 0 : r > 255 ? 255 : r);
+            o[3 * x + 1] = (uint8_t)(g < 0 ? 0 : g > 255 ? 255 : g);
+            o[3 * x + 2] = (uint8_t)(bl < 0 ? 0 : bl > 255 ? 255 : bl);
+        }
+    }
+    return NULL;
+}
+
+/* Render the decoded blocks into `out` (out_w x out_h x ncomp), the lower half on a second thread. */
+static int render(Jpeg *j, uint8_t *out, int out_w, int out_h, int threads)
+{
+    size_t plane_size = (size_t)j->mcux * j->hmax * j->mcuy * j->vmax;
+    uint8_t *planes = pool_get(POOL_PLANES, plane_size * j->ncomp);
+    if (!planes) return -1;
+    RenderJob top = {j, {NULL, NULL, NULL}, out, out_w, out_h, 0, j->mcuy};
+    for (int c = 0; c < j->ncomp; c++) top.plane[c] = planes + (size_t)c * plane_size;
+    RenderJob bottom = top;
+    pthread_t t;
+    int split = threads > 1 && j->nmcu >= 4096;
+    if (split) {
+        top.my1 = bottom.my0 = j->mcuy / 2;
+        split = pthread_create(&t, NULL, render_rows, &bottom) == 0;
+        if (!split) top.my1 = j->mcuy;
+    }
+    render_rows(&top);
+    if (split) pthread_join(t, NULL);
+    pool_put(POOL_PLANES, planes);
+    return 0;
+}
+
+static void free_jpeg(Jpeg *j)
+{
+    pool_put(POOL_BUF, j->buf);
+    pool_put(POOL_RST, j->rst_start);
+    pool_put(POOL_DC, j->dcdiff);
+    pool_put(POOL_WS, j->ws);
+}
+
+/* decode_eighth(data, threads) -> (width, height, channels, pixels) or None */
+static PyObject *decode_eighth(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    int threads = 2;
+    if (!PyArg_ParseTuple(args, "y*|i", &view, &threads)) return NULL;
+    const uint8_t *d = view.buf;
+    Py_ssize_t n = view.len;
+    Jpeg *j = calloc(1, sizeof(Jpeg));
+    PyObject *result = NULL, *pixels = NULL;
+    if (!j) {
+        PyBuffer_Release(&view);
+        return PyErr_NoMemory();
+    }
+    Py_ssize_t start = parse_headers(j, d, n);
+    if (start < 0 || plan_layout(j) != 0) goto unsupported;
+    for (int c = 0; c < j->ncomp; c++)
+        for (int i = 0; i < 64; i++)
+            if (SLOT25[i] >= 0) j->q25[c][SLOT25[i]] = j->qt[j->comp[c].tq][i];
+    int out_w = (j->width + 7) / 8, out_h = (j->height + 7) / 8;
+    pixels = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)out_w * out_h * j->ncomp);
+    if (!pixels) goto fail;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = unstuff(j, d, start, n);
+    if (rc == 0) {
+        size_t total = (size_t)j->nmcu * j->bpm;
+        j->dcdiff = pool_get(POOL_DC, sizeof(int16_t) * total);
+        j->ws = pool_get(POOL_WS, sizeof(int32_t) * 10 * ((size_t)j->nmcu * j->chroma_per_mcu + 1));
+        rc = (j->dcdiff && j->ws) ? decode_all(j, threads) : -1;
+    }
+    if (rc == 0) rc = render(j, (uint8_t *)PyBytes_AS_STRING(pixels), out_w, out_h, threads);
+    Py_END_ALLOW_THREADS
+    if (rc != 0) goto unsupported;
+    result = Py_BuildValue("(iiiN)", out_w, out_h, j->ncomp, pixels);
+    pixels = NULL;
+    goto done;
+unsupported:
+    result = Py_NewRef(Py_None);
+fail:
+done:
+    Py_XDECREF(pixels);
+    free_jpeg(j);
+    free(j);
+    PyBuffer_Release(&view);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"decode_eighth", decode_eighth, METH_VARARGS,
+     "decode_eighth(data, threads=2) -> (width, height, channels, pixels) or None.\n\n"
+     "Decode a baseline JPEG at 1/8 scale exactly as libjpeg-turbo does, on up to two threads. None\n"
+     "means: not a layout this decoder handles exactly; decode it with Pillow."},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_jpeg8", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__jpeg8(void)
+{
+    init_tables();
+    init_slot25();
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,148 @@
+"""The two-core 1/8-scale JPEG decoder gives exactly Pillow's pixels, or steps aside for Pillow.
+
+Every comparison decodes the same bytes twice through the public `load_image`: once as a device
+does (accelerator on) and once with `EDGE_CLASSIFY_FAST_JPEG=0` (Pillow only), and asks for
+identical arrays. The photos are real ones shipped by scikit-image, enlarged to phone-photo sizes
+so that the two-thread paths (speculative split, restart intervals) run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from preprocessing import InvalidImageError, load_image
+from preprocessing import _fastjpeg
+
+from .conftest import SKIMAGE_DATA, encode, real_photo_path, with_orientation
+
+DRAFT = (224, 224)
+
+
+def pillow_only(monkeypatch, data: bytes, **kwargs) -> np.ndarray:
+    with monkeypatch.context() as patch:
+        patch.setenv(_fastjpeg.ENV_SWITCH, "0")
+        return load_image(data, draft_size=DRAFT, **kwargs)
+
+
+def big_photo(name: str, size: tuple[int, int], mode: str = "RGB") -> Image.Image:
+    """A real photo enlarged to `size`, with fine texture added so its bitstream is phone-like."""
+    image = Image.open(real_photo_path(name)).convert(mode).resize(size, Image.Resampling.BICUBIC)
+    rng = np.random.default_rng(7)
+    pixels = np.asarray(image).astype(np.int16)
+    pixels += rng.integers(-12, 13, size=pixels.shape, dtype=np.int16)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def phone_photo() -> Image.Image:
+    return big_photo("chelsea.png", (2400, 1800))
+
+
+def test_the_accelerator_is_compiled_in_this_install():
+    # CI installs with a C compiler; if the extension silently failed to build, the tests below
+    # would only compare Pillow with itself.
+    assert _fastjpeg.available()
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(quality=90),  # a phone's 4:2:0
+        dict(quality=95, optimize=True),  # optimised Huffman tables
+        dict(quality=80, subsampling=0),  # 4:4:4
+        dict(quality=85, restart_marker_rows=1),  # restart intervals split between threads
+        dict(quality=70, restart_marker_blocks=5),  # intervals that end mid-row
+    ],
+    ids=["420", "optimized", "444", "restart-rows", "restart-blocks"],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_phone_photo_decodes_to_exactly_pillows_pixels(monkeypatch, phone_photo, params, threads):
+    data = encode(phone_photo, "JPEG", **params)
+    fast = load_image(data, draft_size=DRAFT, threads=threads)
+    assert fast.shape == (225, 300, 3)
+    np.testing.assert_array_equal(fast, pillow_only(monkeypatch, data))
+
+
+@pytest.mark.parametrize("name", ["astronaut.png", "coffee.png", "rocket.jpg", "motorcycle_left.png"])
+def test_other_real_photos_match_too(monkeypatch, name):
+    if not (SKIMAGE_DATA / name).is_file():
+        pytest.skip(f"scikit-image does not ship {name}")
+    data = encode(big_photo(name, (2000, 1504)), "JPEG", quality=92)
+    np.testing.assert_array_equal(load_image(data, draft_size=DRAFT), pillow_only(monkeypatch, data))
+
+
+def test_grayscale_photos_match(monkeypatch):
+    data = encode(big_photo("camera.png", (2048, 2048), mode="L"), "JPEG", quality=90)
+    fast = load_image(data, draft_size=DRAFT)
+    assert fast.shape == (256, 256, 3)
+    np.testing.assert_array_equal(fast, pillow_only(monkeypatch, data))
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_rotation_is_applied_the_same_way(monkeypatch, phone_photo, orientation):
+    data = with_orientation(phone_photo, orientation, quality=90)
+    np.testing.assert_array_equal(load_image(data, draft_size=DRAFT), pillow_only(monkeypatch, data))
+
+
+def test_odd_sizes_crop_the_same_partial_blocks(monkeypatch):
+    data = encode(big_photo("coffee.png", (2001, 1803)), "JPEG", quality=90)
+    fast = load_image(data, draft_size=DRAFT)
+    assert fast.shape == (226, 251, 3)
+    np.testing.assert_array_equal(fast, pillow_only(monkeypatch, data))
+
+
+@pytest.mark.parametrize(
+    "params",
+    [dict(quality=90, progressive=True), dict(quality=90, subsampling=1)],
+    ids=["progressive", "422"],
+)
+def test_layouts_it_does_not_reproduce_are_left_to_pillow(monkeypatch, phone_photo, params):
+    data = encode(phone_photo, "JPEG", **params)
+    assert _fastjpeg._jpeg8.decode_eighth(data, 2) is None
+    np.testing.assert_array_equal(load_image(data, draft_size=DRAFT), pillow_only(monkeypatch, data))
+
+
+def test_cmyk_photos_are_left_to_pillow(monkeypatch, phone_photo):
+    data = encode(phone_photo.convert("CMYK"), "JPEG", quality=90)
+    assert _fastjpeg._jpeg8.decode_eighth(data, 2) is None
+    np.testing.assert_array_equal(load_image(data, draft_size=DRAFT), pillow_only(monkeypatch, data))
+
+
+def test_photos_decoded_at_a_larger_scale_are_left_to_pillow(monkeypatch, phone_photo):
+    # 1/4 scale: the accelerator only does 1/8.
+    data = encode(phone_photo.resize((1200, 900)), "JPEG", quality=90)
+    np.testing.assert_array_equal(load_image(data, draft_size=DRAFT), pillow_only(monkeypatch, data))
+
+
+def test_a_cut_off_big_photo_is_still_reported_as_truncated(phone_photo):
+    data = encode(phone_photo, "JPEG", quality=90)
+    with pytest.raises(InvalidImageError) as caught:
+        load_image(data[: len(data) * 2 // 3], draft_size=DRAFT)
+    assert caught.value.code == "truncated"
+
+
+def test_damaged_bitstreams_give_pillows_result_whatever_it_is(monkeypatch, phone_photo):
+    """Flip bytes inside the entropy-coded data: the accelerator must agree with Pillow exactly, or
+    step aside so that Pillow's own error or repair is what the caller gets."""
+    clean = bytearray(encode(phone_photo, "JPEG", quality=90))
+    rng = np.random.default_rng(2026)
+    start = len(clean) // 10
+    for _ in range(12):
+        data = bytearray(clean)
+        for offset in rng.integers(start, len(data) - 2, size=3):
+            data[offset] = int(rng.integers(0, 255))  # never 0xFF: no new markers
+        try:
+            expected = pillow_only(monkeypatch, bytes(data))
+        except InvalidImageError as exc:
+            with pytest.raises(InvalidImageError) as caught:
+                load_image(bytes(data), draft_size=DRAFT)
+            assert caught.value.code == exc.code
+        else:
+            np.testing.assert_array_equal(load_image(bytes(data), draft_size=DRAFT), expected)
+
+
+def test_the_switch_turns_the_accelerator_off(monkeypatch):
+    monkeypatch.setenv(_fastjpeg.ENV_SWITCH, "0")
+    assert not _fastjpeg.available()
