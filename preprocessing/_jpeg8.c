@@ -45,7 +45,8 @@ typedef struct {
     int32_t valoffset[18];
     uint8_t huffval[256];
     uint8_t counts[16];
-    uint32_t lut[1 << 11]; /* AC only: see build_ac_lookup */
+    uint32_t lut[1 << 11];  /* AC only: see build_ac_lookup */
+    uint32_t pair[1 << 11]; /* AC only: see build_pair_lookup */
     int defined;
 } Huff;
 
@@ -112,6 +113,7 @@ static void init_tables(void)
 /* ---- Huffman tables ------------------------------------------------------------------------ */
 
 static void build_ac_lookup(const Huff *h, const uint8_t *counts, uint32_t *lut);
+static void build_pair_lookup(const uint32_t *lut, uint32_t *pair);
 
 static int build_huff(Huff *h, const uint8_t *counts, const uint8_t *vals, int nvals, int is_dc)
 {
@@ -159,7 +161,10 @@ static int build_huff(Huff *h, const uint8_t *counts, const uint8_t *vals, int n
         for (int i = 0; i < (1 << (FAST_BITS - size)); i++)
             h->fast[base + i] = (uint16_t)((size << 8) | vals[p]);
     }
-    if (!is_dc) build_ac_lookup(h, counts, h->lut);
+    if (!is_dc) {
+        build_ac_lookup(h, counts, h->lut);
+        build_pair_lookup(h->lut, h->pair);
+    }
     h->defined = 1;
     return 0;
 }
@@ -223,6 +228,39 @@ static void build_ac_lookup(const Huff *h, const uint8_t *counts, uint32_t *lut)
         }
 }
 
+/* For blocks whose AC values are not needed (all but 4:2:0 chroma), two symbols per lookup when
+ * both fit in AC_BITS: bits 0-4 length, 5-10 how far k advances, 12 end of block, 14 the second
+ * symbol is a coefficient (its position must be checked). Only used while k <= 47, so the first
+ * symbol can never be the block's last coefficient. */
+#define PAIR_COEF2 (1u << 14)
+
+static void build_pair_lookup(const uint32_t *lut, uint32_t *pair)
+{
+    const int mask = (1 << AC_BITS) - 1;
+    for (int i = 0; i <= mask; i++) {
+        uint32_t e1 = lut[i];
+        int len1 = e1 & 31;
+        if (!e1 || (e1 & AC_EOB)) {
+            pair[i] = e1 & (31u | AC_EOB);
+            continue;
+        }
+        uint32_t inc = (e1 >> 5) & 127, flags = 0;
+        uint32_t e2 = lut[(i << len1) & mask];
+        int len2 = e2 & 31;
+        if (e2 && len1 + len2 <= AC_BITS) {
+            if (e2 & AC_EOB) {
+                flags = AC_EOB;
+            } else {
+                inc += (e2 >> 5) & 127;
+                if (!(e2 & AC_ZRL)) flags = PAIR_COEF2;
+            }
+        } else {
+            len2 = 0;
+        }
+        pair[i] = (uint32_t)(len1 + len2) | (inc << 5) | flags;
+    }
+}
+
 /* The 25 coefficients the 2x2 reduced IDCT reads: rows and columns 0, 1, 3, 5, 7. */
 static int8_t SLOT25[64];
 
@@ -260,6 +298,18 @@ decode_block(const uint8_t *buf, uint64_t pos, const Huff *dc, const Huff *ac, c
             pos += (uint64_t)used;
             w = peek64(buf, pos);
             used = 0;
+        }
+        if (!c25 && k <= 47) {
+            uint32_t e = ac->pair[w >> (64 - AC_BITS)];
+            if (e) {
+                int l = e & 31;
+                w <<= l;
+                used += l;
+                if (e & AC_EOB) break;
+                k += (e >> 5) & 63;
+                if (k > 64 && (e & PAIR_COEF2)) return BAD;
+                continue;
+            }
         }
         uint32_t e = lut[w >> (64 - AC_BITS)];
         if (e) {
@@ -322,7 +372,7 @@ static void idct2x2_pass1(const int16_t *in, const int32_t *q, int32_t *ws)
     }
 }
 
-static void idct2x2_pass2(const int32_t *ws, int dcq, uint8_t out[2][2])
+static inline void idct2x2_pass2(const int32_t *ws, int dcq, uint8_t out[2][2])
 {
     for (int row = 0; row < 2; row++) {
         int64_t w0 = (int64_t)ws[row] + (int64_t)dcq * 4, w1 = ws[2 + row], w3 = ws[4 + row],
@@ -341,7 +391,7 @@ static void idct2x2_pass2(const int32_t *ws, int dcq, uint8_t out[2][2])
 /* ---- buffer pool ------------------------------------------------------------------------------- */
 /* A 12-megapixel photo needs about 10 MB of scratch memory. Fresh pages cost a page fault each
  * (milliseconds per photo), so the last buffers of each kind are kept for the next photo. */
-enum { POOL_BUF, POOL_RST, POOL_DC, POOL_WS, POOL_REC, POOL_WS2, POOL_PLANES, POOL_KINDS };
+enum { POOL_BUF, POOL_RST, POOL_DC, POOL_WS, POOL_REC, POOL_DC2, POOL_WS2, POOL_PLANES, POOL_KINDS };
 static pthread_mutex_t POOL_LOCK = PTHREAD_MUTEX_INITIALIZER;
 static void *POOL_PTR[POOL_KINDS];
 static size_t POOL_SIZE[POOL_KINDS];
@@ -566,18 +616,18 @@ static int unstuff(Jpeg *j, const uint8_t *d, Py_ssize_t start, Py_ssize_t n)
 /* ---- decoding ---------------------------------------------------------------------------------- */
 
 typedef struct {
-    uint32_t pos;
-    int16_t dcdiff;
-    uint8_t phase;  /* 0xFF: a decode error started here */
-    uint8_t pad;
+    uint32_t pos;  /* where the block starts */
+    uint8_t phase; /* its place in the MCU; 0xFF: a decode error started here */
 } Record;
 
 typedef struct {
     Jpeg *j;
     uint64_t start;
     Record *rec;
-    int32_t *ws;
+    int16_t *dc;      /* DC difference of each record */
+    int32_t *ws;      /* 2x2 pass-1 workspace of each chroma record */
     size_t cap;
+    size_t last_err;  /* index of the last record that failed to decode, or SIZE_MAX */
     _Atomic size_t published;
     atomic_int stop;
     atomic_int done;
@@ -639,6 +689,7 @@ static void *speculate(void *arg)
     int phase = 0;
     uint32_t cslot = 0;
     size_t n = 0;
+    sp->last_err = SIZE_MAX;
     while (n < sp->cap && pos < j->nbits) {
         if ((n & 1023) == 0 && atomic_load_explicit(&sp->stop, memory_order_relaxed)) break;
         Record *rec = &sp->rec[n];
@@ -657,13 +708,14 @@ static void *speculate(void *arg)
         }
         if (next == BAD || next > j->nbits) {
             rec->phase = 0xFF; /* garbage (before synchronising) or a real error: never matches */
+            sp->last_err = n;
             pos++;
             phase = 0;
         } else {
-            rec->dcdiff = (int16_t)diff;
+            sp->dc[n] = (int16_t)diff;
             if (slot >= 0) idct2x2_pass1(c25, j->q25[ci], sp->ws + (size_t)cslot++ * 10);
             pos = next;
-            phase = (phase + 1) % j->bpm;
+            if (++phase == j->bpm) phase = 0;
         }
         n++;
         if ((n % PUBLISH_EVERY) == 0) atomic_store_explicit(&sp->published, n, memory_order_release);
@@ -715,13 +767,15 @@ static int decode_all(Jpeg *j, int threads)
     sp.start = j->nbits / 2;
     sp.cap = total;
     sp.rec = pool_get(POOL_REC, sizeof(Record) * total);
+    sp.dc = pool_get(POOL_DC2, sizeof(int16_t) * total);
     sp.ws = pool_get(POOL_WS2, sizeof(int32_t) * 10 * ((size_t)j->nmcu * j->chroma_per_mcu + 1));
     atomic_init(&sp.published, 0);
     atomic_init(&sp.stop, 0);
     atomic_init(&sp.done, 0);
     pthread_t t;
-    if (!sp.rec || !sp.ws || pthread_create(&t, NULL, speculate, &sp) != 0) {
+    if (!sp.rec || !sp.dc || !sp.ws || pthread_create(&t, NULL, speculate, &sp) != 0) {
         pool_put(POOL_REC, sp.rec);
+        pool_put(POOL_DC2, sp.dc);
         pool_put(POOL_WS2, sp.ws);
         return decode_mcus(j, 0, j->nmcu, 0, NULL, NULL, NULL) == BAD ? -1 : 0;
     }
@@ -732,11 +786,9 @@ static int decode_all(Jpeg *j, int threads)
         pthread_join(t, NULL);
         size_t need = total - sync_block;
         int ok = sp.count >= sync_rec + need;
-        for (size_t i = 0; ok && i < need; i++) {
-            const Record *rec = &sp.rec[sync_rec + i];
-            if (rec->phase == 0xFF) ok = 0;
-            else j->dcdiff[sync_block + i] = rec->dcdiff;
-        }
+        if (ok && sp.last_err != SIZE_MAX && sp.last_err >= sync_rec)
+            for (size_t i = sync_rec; ok && i < sync_rec + need; i++) ok = sp.rec[i].phase != 0xFF;
+        if (ok) memcpy(j->dcdiff + sync_block, sp.dc + sync_rec, need * sizeof(int16_t));
         if (ok && j->chroma_per_mcu) {
             /* chroma blocks from the sync point on, in both numberings */
             size_t m = sync_block / j->bpm;
@@ -762,6 +814,7 @@ static int decode_all(Jpeg *j, int threads)
         if (pos == BAD) rc = -1;
     }
     pool_put(POOL_REC, sp.rec);
+    pool_put(POOL_DC2, sp.dc);
     pool_put(POOL_WS2, sp.ws);
     return rc;
 }
@@ -779,34 +832,48 @@ static void *render_rows(void *arg)
 {
     RenderJob *rj = arg;
     Jpeg *j = rj->j;
-    int pw = j->mcux * j->hmax;
+    const int pw = j->mcux * j->hmax, bpm = j->bpm;
     int pred[MAX_COMPS] = {0, 0, 0};
-    int m0 = rj->my0 * j->mcux, m1 = rj->my1 * j->mcux;
+    int m0 = rj->my0 * j->mcux;
     /* the DC predictors where this range starts */
     int first = j->dri ? m0 - m0 % j->dri : 0;
-    for (size_t blk = (size_t)first * j->bpm; blk < (size_t)m0 * j->bpm; blk++)
-        pred[j->phase_comp[blk % j->bpm]] += j->dcdiff[blk];
-    size_t blk = (size_t)m0 * j->bpm;
-    for (int m = m0; m < m1; m++) {
-        if (j->dri && m % j->dri == 0) pred[0] = pred[1] = pred[2] = 0;
-        int mx = m % j->mcux, my = m / j->mcux;
-        for (int b = 0; b < j->bpm; b++, blk++) {
-            int ci = j->phase_comp[b];
-            const Comp *c = &j->comp[ci];
-            pred[ci] += j->dcdiff[blk];
-            int dcq = (int)(int16_t)pred[ci] * j->qt[c->tq][0];
-            int slot = j->phase_chroma_slot[b];
-            if (slot < 0) {
-                int x = mx * c->h + j->phase_dx[b], y = my * c->v + j->phase_dy[b];
-                rj->plane[ci][(size_t)y * pw + x] = IDCT_LIMIT[DESCALE((int64_t)dcq, 3) & 1023];
-            } else {
-                uint8_t px[2][2];
-                idct2x2_pass2(j->ws + ((size_t)m * j->chroma_per_mcu + slot) * 10, dcq, px);
-                uint8_t *p = rj->plane[ci] + (size_t)(my * 2) * pw + mx * 2;
-                p[0] = px[0][0];
-                p[1] = px[0][1];
-                p[pw] = px[1][0];
-                p[pw + 1] = px[1][1];
+    for (const int16_t *d = j->dcdiff + (size_t)first * bpm, *end = j->dcdiff + (size_t)m0 * bpm; d < end; d += bpm)
+        for (int b = 0; b < bpm; b++) pred[j->phase_comp[b]] += d[b];
+    /* per block of an MCU: its plane, its offset from the MCU's corner, its DC quantiser */
+    uint8_t *plane_of[MAX_PHASES];
+    int offset[MAX_PHASES], qdc[MAX_PHASES];
+    for (int b = 0; b < bpm; b++) {
+        plane_of[b] = rj->plane[j->phase_comp[b]];
+        offset[b] = j->phase_dy[b] * pw + j->phase_dx[b];
+        qdc[b] = j->qt[j->comp[j->phase_comp[b]].tq][0];
+    }
+    const int16_t *d = j->dcdiff + (size_t)m0 * bpm;
+    const int32_t *ws = j->ws + (size_t)m0 * j->chroma_per_mcu * 10;
+    int until_restart = j->dri ? j->dri - (m0 - first) : -1;
+    for (int my = rj->my0; my < rj->my1; my++) {
+        size_t base = (size_t)my * j->vmax * pw;
+        for (int mx = 0; mx < j->mcux; mx++, base += (size_t)j->hmax, d += bpm) {
+            if (until_restart == 0) {
+                pred[0] = pred[1] = pred[2] = 0;
+                until_restart = j->dri;
+            }
+            until_restart--;
+            for (int b = 0; b < bpm; b++) {
+                int ci = j->phase_comp[b];
+                pred[ci] += d[b];
+                int dcq = (int)(int16_t)pred[ci] * qdc[b];
+                uint8_t *p = plane_of[b] + base + offset[b];
+                if (j->phase_chroma_slot[b] < 0) {
+                    *p = IDCT_LIMIT[DESCALE((int64_t)dcq, 3) & 1023];
+                } else {
+                    uint8_t px[2][2];
+                    idct2x2_pass2(ws, dcq, px);
+                    ws += 10;
+                    p[0] = px[0][0];
+                    p[1] = px[0][1];
+                    p[pw] = px[1][0];
+                    p[pw + 1] = px[1][1];
+                }
             }
         }
     }
