@@ -87,8 +87,7 @@ static const uint8_t ZIGZAG_TO_NATURAL[64] = {
     58, 59, 52, 45, 38, 31, 39, 46, 53, 60, 61, 54, 47, 55, 62, 63};
 
 static uint8_t IDCT_LIMIT[1024]; /* libjpeg's post-IDCT range limit, indexed by (x & 1023) */
-static int CR_R[256], CB_B[256];
-static int64_t CR_G[256], CB_G[256];
+static int32_t CR_R[256], CB_B[256], CR_G[256], CB_G[256];
 
 static void init_tables(void)
 {
@@ -105,8 +104,8 @@ static void init_tables(void)
         int64_t x = i - 128;
         CR_R[i] = (int)((FIX(1.40200) * x + ONE_HALF) >> SCALEBITS);
         CB_B[i] = (int)((FIX(1.77200) * x + ONE_HALF) >> SCALEBITS);
-        CR_G[i] = (-FIX(0.71414)) * x;
-        CB_G[i] = (-FIX(0.34414)) * x + ONE_HALF;
+        CR_G[i] = (int32_t)((-FIX(0.71414)) * x);
+        CB_G[i] = (int32_t)((-FIX(0.34414)) * x + ONE_HALF);
     }
 }
 
@@ -764,7 +763,8 @@ static int decode_all(Jpeg *j, int threads)
     Speculator sp;
     memset(&sp, 0, sizeof sp);
     sp.j = j;
-    sp.start = j->nbits / 2;
+    /* The speculating thread keeps records and starts a little later: give it a little less. */
+    sp.start = j->nbits / 100 * 52;
     sp.cap = total;
     sp.rec = pool_get(POOL_REC, sizeof(Record) * total);
     sp.dc = pool_get(POOL_DC2, sizeof(int16_t) * total);
@@ -827,6 +827,57 @@ typedef struct {
     int out_w, out_h, my0, my1;
 } RenderJob;
 
+static inline void put_rgb(uint8_t *o, int y, int cb, int cr)
+{
+    int r = y + CR_R[cr];
+    int g = y + ((CB_G[cb] + CR_G[cr]) >> SCALEBITS);
+    int b = y + CB_B[cb];
+    o[0] = (uint8_t)(r < 0 ? 0 : r > 255 ? 255 : r);
+    o[1] = (uint8_t)(g < 0 ? 0 : g > 255 ? 255 : g);
+    o[2] = (uint8_t)(b < 0 ? 0 : b > 255 ? 255 : b);
+}
+
+/* 4:2:0, the phone-photo layout: each MCU is 2x2 output pixels, made and colour-converted in place. */
+static void render_rows_420(RenderJob *rj, const int pred0[MAX_COMPS], int m0)
+{
+    Jpeg *j = rj->j;
+    int py = pred0[0], pcb = pred0[1], pcr = pred0[2];
+    const int qy = j->qt[j->comp[0].tq][0], qcb = j->qt[j->comp[1].tq][0], qcr = j->qt[j->comp[2].tq][0];
+    const int16_t *d = j->dcdiff + (size_t)m0 * 6;
+    const int32_t *ws = j->ws + (size_t)m0 * 20;
+    int first = j->dri ? m0 - m0 % j->dri : 0;
+    int until_restart = j->dri ? j->dri - (m0 - first) : -1;
+    const size_t stride = (size_t)rj->out_w * 3;
+    for (int my = rj->my0; my < rj->my1; my++) {
+        int y = 2 * my;
+        int rows = rj->out_h - y >= 2 ? 2 : rj->out_h - y; /* the last MCU row may be cropped */
+        uint8_t *o = rj->out + (size_t)y * stride;
+        for (int mx = 0; mx < j->mcux; mx++, d += 6, ws += 20) {
+            if (until_restart == 0) {
+                py = pcb = pcr = 0;
+                until_restart = j->dri;
+            }
+            until_restart--;
+            uint8_t yv[2][2], cb[2][2], cr[2][2];
+            py += d[0];
+            yv[0][0] = IDCT_LIMIT[DESCALE((int64_t)((int16_t)py * qy), 3) & 1023];
+            py += d[1];
+            yv[0][1] = IDCT_LIMIT[DESCALE((int64_t)((int16_t)py * qy), 3) & 1023];
+            py += d[2];
+            yv[1][0] = IDCT_LIMIT[DESCALE((int64_t)((int16_t)py * qy), 3) & 1023];
+            py += d[3];
+            yv[1][1] = IDCT_LIMIT[DESCALE((int64_t)((int16_t)py * qy), 3) & 1023];
+            pcb += d[4];
+            idct2x2_pass2(ws, (int16_t)pcb * qcb, cb);
+            pcr += d[5];
+            idct2x2_pass2(ws + 10, (int16_t)pcr * qcr, cr);
+            int x = 2 * mx, cols = rj->out_w - x >= 2 ? 2 : rj->out_w - x;
+            for (int r = 0; r < rows; r++)
+                for (int c = 0; c < cols; c++) put_rgb(o + r * stride + (size_t)(x + c) * 3, yv[r][c], cb[r][c], cr[r][c]);
+        }
+    }
+}
+
 /* DC sums, reduced IDCTs and colour conversion of MCU rows [my0, my1). */
 static void *render_rows(void *arg)
 {
@@ -837,7 +888,21 @@ static void *render_rows(void *arg)
     int m0 = rj->my0 * j->mcux;
     /* the DC predictors where this range starts */
     int first = j->dri ? m0 - m0 % j->dri : 0;
-    for (const int16_t *d = j->dcdiff + (size_t)first * bpm, *end = j->dcdiff + (size_t)m0 * bpm; d < end; d += bpm)
+    const int16_t *d = j->dcdiff + (size_t)first * bpm, *end = j->dcdiff + (size_t)m0 * bpm;
+    if (j->chroma2x2) { /* Y Y Y Y Cb Cr: sums in registers */
+        int sy = 0, scb = 0, scr = 0;
+        for (; d < end; d += 6) {
+            sy += d[0] + d[1] + d[2] + d[3];
+            scb += d[4];
+            scr += d[5];
+        }
+        pred[0] = sy;
+        pred[1] = scb;
+        pred[2] = scr;
+        render_rows_420(rj, pred, m0);
+        return NULL;
+    }
+    for (; d < end; d += bpm)
         for (int b = 0; b < bpm; b++) pred[j->phase_comp[b]] += d[b];
     /* per block of an MCU: its plane, its offset from the MCU's corner, its DC quantiser */
     uint8_t *plane_of[MAX_PHASES];
@@ -847,7 +912,7 @@ static void *render_rows(void *arg)
         offset[b] = j->phase_dy[b] * pw + j->phase_dx[b];
         qdc[b] = j->qt[j->comp[j->phase_comp[b]].tq][0];
     }
-    const int16_t *d = j->dcdiff + (size_t)m0 * bpm;
+    d = j->dcdiff + (size_t)m0 * bpm;
     const int32_t *ws = j->ws + (size_t)m0 * j->chroma_per_mcu * 10;
     int until_restart = j->dri ? j->dri - (m0 - first) : -1;
     for (int my = rj->my0; my < rj->my1; my++) {
@@ -888,15 +953,7 @@ static void *render_rows(void *arg)
         }
         const uint8_t *pb = rj->plane[1] + (size_t)y * pw, *pr = rj->plane[2] + (size_t)y * pw;
         uint8_t *o = rj->out + (size_t)y * out_w * 3;
-        for (int x = 0; x < out_w; x++) {
-            int yy = py[x], cb = pb[x], cr = pr[x];
-            int r = yy + CR_R[cr];
-            int g = yy + (int)((CB_G[cb] + CR_G[cr]) >> SCALEBITS);
-            int bl = yy + CB_B[cb];
-            o[3 * x] = (uint8_t)(r < 0 ? 0 : r > 255 ? 255 : r);
-            o[3 * x + 1] = (uint8_t)(g < 0 ? 0 : g > 255 ? 255 : g);
-            o[3 * x + 2] = (uint8_t)(bl < 0 ? 0 : bl > 255 ? 255 : bl);
-        }
+        for (int x = 0; x < out_w; x++) put_rgb(o + 3 * x, py[x], pb[x], pr[x]);
     }
     return NULL;
 }
@@ -905,10 +962,10 @@ static void *render_rows(void *arg)
 static int render(Jpeg *j, uint8_t *out, int out_w, int out_h, int threads)
 {
     size_t plane_size = (size_t)j->mcux * j->hmax * j->mcuy * j->vmax;
-    uint8_t *planes = pool_get(POOL_PLANES, plane_size * j->ncomp);
-    if (!planes) return -1;
+    uint8_t *planes = j->chroma2x2 ? NULL : pool_get(POOL_PLANES, plane_size * j->ncomp);
+    if (!planes && !j->chroma2x2) return -1;
     RenderJob top = {j, {NULL, NULL, NULL}, out, out_w, out_h, 0, j->mcuy};
-    for (int c = 0; c < j->ncomp; c++) top.plane[c] = planes + (size_t)c * plane_size;
+    for (int c = 0; c < j->ncomp && planes; c++) top.plane[c] = planes + (size_t)c * plane_size;
     RenderJob bottom = top;
     pthread_t t;
     int split = threads > 1 && j->nmcu >= 4096;

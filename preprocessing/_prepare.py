@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from ._decode import DEFAULT_LIMITS, DecodeLimits, ImageSource, load_image
+from ._decode import DEFAULT_LIMITS, DecodeLimits, ImageSource, decode_upright
 from ._spec import PreprocessSpec
 
 _FILTERS = {
@@ -29,8 +29,11 @@ def prepare(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
             "prepare needs an RGB uint8 array of shape (height, width, 3), as load_image returns; "
             f"got {getattr(image, 'dtype', type(image).__name__)} {getattr(image, 'shape', '')}"
         )
-    resized = np.asarray(_fit(Image.fromarray(image), spec))
-    return _normalise(resized, spec)
+    return _prepare_image(Image.fromarray(image), spec)
+
+
+def _prepare_image(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    return _normalise(np.asarray(_fit(image, spec)), spec)
 
 
 def preprocess(
@@ -46,7 +49,8 @@ def preprocess(
     it changes the speed, never the tensor. Callers that already decode photos in parallel pass 1.
     """
     draft = spec.size if spec.jpeg_draft else None
-    return prepare(load_image(source, limits=limits, draft_size=draft, threads=threads), spec)
+    # Same steps as prepare(load_image(...)), without turning the decoded photo into an array and back.
+    return _prepare_image(decode_upright(source, limits=limits, draft_size=draft, threads=threads), spec)
 
 
 def _fit(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
