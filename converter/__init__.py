@@ -12,52 +12,77 @@ TensorFlow when they are first used.
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from .bundle import MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE, Bundle, read_bundle, write_bundle
-from .errors import (
-    BundleError,
-    BundleFormatError,
-    ConversionError,
-    ConverterFailedError,
-    DataError,
-    InputError,
-    KeyFileError,
-    ModelContractError,
-    ModelHashMismatchError,
-    NotASavedModelError,
-    PublishError,
-    SignatureMismatchError,
-    UnsignedBundleError,
-    UnsupportedOpError,
-    UsageError,
-    ValidationGateError,
-)
-from .manifest import FORMAT_VERSION, QUANTIZATION_MODES, Manifest, SmokeTest, TensorInfo
-from .options import ConvertOptions, QuantizationOptions, SigningOptions, ValidationOptions
-from .report import ClassAgreement, GpuReport, ModelScore, ValidationReport
-from .signing import generate_keypair, key_id, load_private_key, load_public_key, sign, verify, write_keypair
-
 if TYPE_CHECKING:  # pragma: no cover
+    from .bundle import MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE, Bundle, read_bundle, write_bundle
+    from .errors import (
+        BundleError,
+        BundleFormatError,
+        ConversionError,
+        ConverterFailedError,
+        DataError,
+        InputError,
+        KeyFileError,
+        ModelContractError,
+        ModelHashMismatchError,
+        NotASavedModelError,
+        PublishError,
+        SignatureMismatchError,
+        UnsignedBundleError,
+        UnsupportedOpError,
+        UsageError,
+        ValidationGateError,
+    )
+    from .lite_model import LiteClassifier
+    from .manifest import FORMAT_VERSION, QUANTIZATION_MODES, Manifest, SmokeTest, TensorInfo
+    from .metadata import read_metadata
+    from .options import ConvertOptions, QuantizationOptions, SigningOptions, ValidationOptions
     from .pipeline import ConversionResult, convert
+    from .report import ClassAgreement, GpuReport, ModelScore, ValidationReport
+    from .serving import export_for_serving
+    from .signing import generate_keypair, key_id, load_private_key, load_public_key, sign, verify, write_keypair
+    from .smoke import run_smoke_test
 
-# Imported on first use: they pull in TensorFlow or LiteRT.
-_LAZY = {
-    "convert": "pipeline",
-    "ConversionResult": "pipeline",
-    "export_for_serving": "serving",
-    "read_metadata": "metadata",
-    "run_smoke_test": "smoke",
-    "LiteClassifier": "lite_model",
+# Every public name loads on first use (PEP 562), from the module below. A device that only reads
+# bundles (`from converter.bundle import read_bundle`) runs this file too, so it must import nothing:
+# options, reports and signing keys cost a cold `edge-classify` tens of milliseconds it does not
+# need, and `convert`, `export_for_serving`, `read_metadata`, `run_smoke_test` and `LiteClassifier`
+# pull in TensorFlow or LiteRT.
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "bundle": ("MANIFEST_FILE", "MODEL_FILE", "SIGNATURE_FILE", "Bundle", "read_bundle", "write_bundle"),
+    "errors": (
+        "BundleError", "BundleFormatError", "ConversionError", "ConverterFailedError", "DataError", "InputError",
+        "KeyFileError", "ModelContractError", "ModelHashMismatchError", "NotASavedModelError", "PublishError",
+        "SignatureMismatchError", "UnsignedBundleError", "UnsupportedOpError", "UsageError", "ValidationGateError",
+    ),
+    "manifest": ("FORMAT_VERSION", "QUANTIZATION_MODES", "Manifest", "SmokeTest", "TensorInfo"),
+    "options": ("ConvertOptions", "QuantizationOptions", "SigningOptions", "ValidationOptions"),
+    "report": ("ClassAgreement", "GpuReport", "ModelScore", "ValidationReport"),
+    "signing": (
+        "generate_keypair", "key_id", "load_private_key", "load_public_key", "sign", "verify", "write_keypair",
+    ),
+    "pipeline": ("convert", "ConversionResult"),
+    "serving": ("export_for_serving",),
+    "metadata": ("read_metadata",),
+    "smoke": ("run_smoke_test",),
+    "lite_model": ("LiteClassifier",),
 }
+_SOURCES: dict[str, str] = {name: module for module, names in _EXPORTS.items() for name in names}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        from importlib import import_module
+    source = _SOURCES.get(name)
+    if source is None:
+        raise AttributeError(f"module 'converter' has no attribute {name!r}")
+    value = getattr(import_module(f".{source}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
 
-        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module 'converter' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_SOURCES))
 
 
 __all__ = [

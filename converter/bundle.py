@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,6 +159,8 @@ def write_bundle(
     a reader never sees a half-written bundle. `manifest` must already carry the model's and labels'
     sha256 (see `sha256_hex`).
     """
+    import uuid  # only writers need it: readers (a device's cold start) skip its import
+
     target = check_destination(path, overwrite=overwrite)
     labels = labels_text(manifest.labels)
     if sha256_hex(model) != manifest.model_sha256 or len(model) != manifest.model_size:
@@ -193,6 +194,8 @@ def _write_synced(path: Path, data: bytes) -> None:
 
 def _replace(staging: Path, target: Path) -> None:
     """Rename `staging` to `target`; an existing `target` is moved aside first and removed after."""
+    import uuid
+
     if not target.exists():
         os.rename(staging, target)
         return

@@ -17,8 +17,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from converter.progress import native_log_captured
-
 from .errors import ModelLoadError
 
 #: Environment variable naming the TFLite GPU delegate library (libtensorflowlite_gpu_delegate.so).
@@ -152,6 +150,9 @@ def gpu_delegate_path(option: str | None = None) -> str | None:
 def _quiet_native_log() -> Iterator[None]:
     """Hide the interpreter's C++ start-up lines ("INFO: Created TensorFlow Lite XNNPACK delegate")
     from fd 2; if loading fails, they are passed on so the cause is not lost."""
+    # Imported here: `edge-classify` loads this module before its photo starts decoding, this only after.
+    from converter.progress import native_log_captured
+
     captured: io.StringIO | None = None
     try:
         with native_log_captured() as (log, _terminal):

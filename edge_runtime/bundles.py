@@ -6,15 +6,20 @@ whose sha256 or size differs from the manifest is refused with `BundleRejectedEr
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from converter.bundle import read_bundle
-from converter.errors import BundleError, KeyFileError
-from converter.manifest import Manifest
 from preprocessing import PreprocessSpec
 
 from .errors import BundleRejectedError
+
+if TYPE_CHECKING:  # the converter's reader loads cryptography: `load_bundle` imports it when it runs
+    from converter.manifest import Manifest
+
+# converter.bundle.MANIFEST_FILE, not imported from there for the reason above (a test keeps them equal).
+_MANIFEST_FILE = "manifest.json"
 
 
 @dataclass(frozen=True)
@@ -50,11 +55,18 @@ class LoadedBundle:
         return self.manifest.confidence_threshold
 
 
+def bundle_folder(path: str | Path) -> Path:
+    """The bundle folder `path` names: the folder itself, or the folder of the model file inside one."""
+    path = Path(path)
+    return path.parent if path.is_file() else path
+
+
 def load_bundle(path: str | Path, public_key: str | Path) -> LoadedBundle:
     """Verify the bundle at `path` (a folder, or the model file inside one) with the pinned key."""
-    path = Path(path)
-    if path.is_file():
-        path = path.parent
+    from converter.bundle import read_bundle
+    from converter.errors import BundleError, KeyFileError
+
+    path = bundle_folder(path)
     if not Path(public_key).is_file():
         raise BundleRejectedError(
             f"no trusted publisher key at {public_key}: a device only loads signed bundles; copy the "
@@ -67,3 +79,17 @@ def load_bundle(path: str | Path, public_key: str | Path) -> LoadedBundle:
         raise BundleRejectedError(f"the trusted key cannot be used: {exc}") from exc
     except BundleError as exc:
         raise BundleRejectedError(f"refused {path}: {exc}") from exc
+
+
+def peek_spec(path: str | Path) -> PreprocessSpec | None:
+    """The preprocessing spec in a bundle's manifest, read WITHOUT verifying anything; None if unreadable.
+
+    Only for starting work early (decoding a photo while the bundle is verified): whatever is made
+    with it must be thrown away unless it equals the verified bundle's spec. Never raises: the
+    verification that follows reports what is wrong with the bundle.
+    """
+    try:
+        manifest = json.loads((bundle_folder(path) / _MANIFEST_FILE).read_bytes())
+        return PreprocessSpec.from_dict(manifest["preprocess_spec"])
+    except Exception:  # anything wrong here is reported by `load_bundle`  # noqa: BLE001
+        return None

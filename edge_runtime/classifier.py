@@ -20,10 +20,10 @@ import numpy as np
 from preprocessing import ImageSource, PreprocessSpec, preprocess
 
 from . import backends
+from ._memory import keep_freed_memory
 from .bundles import LoadedBundle, load_bundle
 from .errors import ModelLoadError, ModelNotFoundError
 from .results import Category
-from .store import ModelStore
 
 DELEGATES = ("auto", "cpu", "gpu")
 DEFAULT_THRESHOLD = 0.5
@@ -56,10 +56,34 @@ class ClassifierOptions:
             raise ValueError("threads must be at least 1")
 
 
+def locate_model(options: ClassifierOptions) -> tuple[Path, str | Path]:
+    """The bundle the options name (unverified) and the publisher key to verify it with.
+
+    Raises `ModelNotFoundError` when no model is given and the local store has no current one.
+    """
+    path = Path(options.model) if options.model is not None else None
+    key = options.public_key or os.environ.get("EDGE_CLASSIFY_PUBLIC_KEY")
+    if path is not None and key:
+        return path, key  # the store is not consulted: a kiosk's cold start skips importing it
+    from .store import ModelStore
+
+    store = ModelStore(options.store_home)
+    if path is None:
+        ref = store.current()
+        if ref is None:
+            raise ModelNotFoundError(
+                f"no model is installed in {store.home}: pass --model BUNDLE, install one with "
+                "`edge-classify models install BUNDLE`, or enrol the device with `edge-agent`"
+            )
+        path = store.path_of(ref)
+    return path, key or (store.home / "trusted.pub")
+
+
 class Classifier:
     """A loaded model version: prepare photos with its spec, run them, name the top categories."""
 
     def __init__(self, bundle: LoadedBundle, options: ClassifierOptions) -> None:
+        keep_freed_memory()  # a classifying process reuses the same buffers photo after photo
         self.bundle = bundle
         self.options = options
         self.backend = backends.find_backend(options.backend)
@@ -107,17 +131,7 @@ class Classifier:
     @classmethod
     def create_from_options(cls, options: ClassifierOptions) -> "Classifier":
         """Find, verify and load the model the options name."""
-        store = ModelStore(options.store_home)
-        path = Path(options.model) if options.model is not None else None
-        if path is None:
-            ref = store.current()
-            if ref is None:
-                raise ModelNotFoundError(
-                    f"no model is installed in {store.home}: pass --model BUNDLE, install one with "
-                    "`edge-classify models install BUNDLE`, or enrol the device with `edge-agent`"
-                )
-            path = store.path_of(ref)
-        key = options.public_key or os.environ.get("EDGE_CLASSIFY_PUBLIC_KEY") or (store.home / "trusted.pub")
+        path, key = locate_model(options)
         return cls(load_bundle(path, key), options)
 
     # --- properties ----------------------------------------------------------------------------

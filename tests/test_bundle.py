@@ -244,3 +244,47 @@ def test_devices_read_bundles_without_tensorflow():
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_public_keys_load_the_same_with_or_without_the_full_pem_parser(keys, tmp_path):
+    from converter.signing import _public_key_from_pem
+
+    _, public = keys
+    pem = public.read_bytes()
+    quick = _public_key_from_pem(pem)
+    assert quick is not None and quick == serialization.load_pem_public_key(pem)
+    assert load_public_key(public) == quick and key_id(quick) == key_id(load_public_key(public))
+    # CRLF line ends and a body folded differently are still the same key.
+    body = b"".join(pem.splitlines()[1:-1])
+    folded = b"-----BEGIN PUBLIC KEY-----\r\n" + body[:20] + b"\r\n" + body[20:] + b"\r\n-----END PUBLIC KEY-----\r\n"
+    assert _public_key_from_pem(folded) == quick
+    # Anything else goes to cryptography's parser, which names the problem.
+    rsa_pem = rsa.generate_private_key(public_exponent=65537, key_size=1024).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    damaged = pem.replace(pem.splitlines()[1][:8], b"AAAAAAAA")
+    for other in (rsa_pem, damaged, b"Explanatory text\n" + pem, pem + pem, b"-----BEGIN PUBLIC KEY-----\n-----END"):
+        assert _public_key_from_pem(other) is None
+    (tmp_path / "rsa.pub").write_bytes(rsa_pem)
+    with pytest.raises(KeyFileError, match="not an Ed25519 public key"):
+        load_public_key(tmp_path / "rsa.pub")
+    (tmp_path / "damaged.pub").write_bytes(damaged)
+    with pytest.raises(KeyFileError, match="not a PEM public key"):
+        load_public_key(tmp_path / "damaged.pub")
+
+
+def test_reading_a_bundle_loads_no_signing_or_conversion_machinery():
+    # A device's cold start imports only what verifying needs: not the PEM/SSH serialization package,
+    # not the converter's options, and no photo decoding just to name a spec.
+    code = (
+        "import sys, converter, preprocessing\n"
+        "assert 'numpy' not in sys.modules and 'PIL' not in sys.modules, 'preprocessing is eager'\n"
+        "from converter.bundle import read_bundle\n"
+        "heavy = [m for m in ('cryptography.hazmat.primitives.serialization', 'converter.options', 'uuid', "
+        "'numpy', 'PIL') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "assert sorted(dir(converter)) == sorted(set(dir(converter)) | set(converter.__all__))\n"
+        "assert set(preprocessing.__all__) <= set(dir(preprocessing))\n"
+        "assert all(getattr(preprocessing, name) is not None for name in preprocessing.__all__)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
