@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install edge-classify with every extra into it; re-run pip only when pyproject.toml
-# or the C decoder it compiles (preprocessing/_jpeg8.c) changes. Sourced by demo.sh and test.sh, so a fresh machine needs nothing but Python 3.10-3.13.
+# Create .venv and install edge-classify with every extra into it; re-run pip only when pyproject.toml,
+# setup.py or the C decoder it compiles (preprocessing/_jpeg8.c) changes. Sourced by demo.sh and test.sh, so a fresh machine needs nothing but Python 3.10-3.13.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv="$root/.venv"
@@ -14,7 +14,7 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
 stamp="$venv/.edge-classify-installed"
-want=$(cat "$root/pyproject.toml" "$root/preprocessing/_jpeg8.c" | sha256sum | cut -d' ' -f1)
+want=$(cat "$root/pyproject.toml" "$root/setup.py" "$root/preprocessing/_jpeg8.c" | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "==> installing edge-classify[all] into $venv (first run: a few minutes)"
   "$venv/bin/python" -m pip install --quiet --upgrade pip
