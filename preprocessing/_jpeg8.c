@@ -88,6 +88,7 @@ static const uint8_t ZIGZAG_TO_NATURAL[64] = {
 
 static uint8_t IDCT_LIMIT[1024]; /* libjpeg's post-IDCT range limit, indexed by (x & 1023) */
 static int32_t CR_R[256], CB_B[256], CR_G[256], CB_G[256];
+static uint8_t SATURATE[1024]; /* x + 384 -> x clamped to 0..255 */
 
 static void init_tables(void)
 {
@@ -97,6 +98,7 @@ static void init_tables(void)
         else if (i < 896) IDCT_LIMIT[i] = 0;
         else IDCT_LIMIT[i] = (uint8_t)(i - 896);
     }
+    for (int i = 0; i < 1024; i++) SATURATE[i] = (uint8_t)(i < 384 ? 0 : i > 384 + 255 ? 255 : i - 384);
 #define SCALEBITS 16
 #define ONE_HALF ((int64_t)1 << (SCALEBITS - 1))
 #define FIX(x) ((int64_t)((x) * (1L << SCALEBITS) + 0.5))
@@ -194,7 +196,9 @@ static inline int huff_decode(const Huff *h, uint64_t w, int *len)
 
 static inline int extend(uint32_t v, int s)
 {
-    return (v < (1u << (s - 1))) ? (int)v - (1 << s) + 1 : (int)v;
+    /* v below 2^(s-1) is negative: v - 2^s + 1, without a branch (sign bits are data, unpredictable) */
+    int x = (int)v;
+    return x + (((x - (1 << (s - 1))) >> 31) & (int)((~0u << s) + 1));
 }
 
 /* AC symbols whose code and extra bits fit in AC_BITS decode with one lookup:
@@ -293,7 +297,9 @@ decode_block(const uint8_t *buf, uint64_t pos, const Huff *dc, const Huff *ac, c
     }
     *dcdiff = diff;
     for (int k = 1; k < 64;) {
-        if (used > 26) { /* keep at least 31 valid bits: the longest code plus its extra bits */
+        /* w holds 57 - used valid bits: a pair lookup needs AC_BITS of them, the paths below 31 (the
+         * longest code and its extra bits). Refilling less often mispredicts less often. */
+        if (used > (!c25 && k <= 47 ? 57 - AC_BITS : 26)) {
             pos += (uint64_t)used;
             w = peek64(buf, pos);
             used = 0;
@@ -309,6 +315,11 @@ decode_block(const uint8_t *buf, uint64_t pos, const Huff *dc, const Huff *ac, c
                 if (k > 64 && (e & PAIR_COEF2)) return BAD;
                 continue;
             }
+        }
+        if (used > 26) {
+            pos += (uint64_t)used;
+            w = peek64(buf, pos);
+            used = 0;
         }
         uint32_t e = lut[w >> (64 - AC_BITS)];
         if (e) {
@@ -358,11 +369,9 @@ decode_block(const uint8_t *buf, uint64_t pos, const Huff *dc, const Huff *ac, c
 static void idct2x2_pass1(const int16_t *in, const int32_t *q, int32_t *ws)
 {
     for (int i = 0; i < 5; i++) {
+        /* libjpeg skips columns whose odd terms are zero; the full formula gives the same value then
+         * (tmp0 = 0 and tmp10 is a multiple of 2^13), and no data-dependent branch */
         int64_t top = (i == 0) ? 0 : (int64_t)in[i] * q[i];
-        if (in[5 + i] == 0 && in[10 + i] == 0 && in[15 + i] == 0 && in[20 + i] == 0) {
-            ws[2 * i] = ws[2 * i + 1] = (int32_t)(top * 4);
-            continue;
-        }
         int64_t tmp10 = top * ((int64_t)1 << 15);
         int64_t tmp0 = (int64_t)in[20 + i] * q[20 + i] * -5906 + (int64_t)in[15 + i] * q[15 + i] * 6967 +
                        (int64_t)in[10 + i] * q[10 + i] * -10426 + (int64_t)in[5 + i] * q[5 + i] * 29692;
@@ -376,10 +385,7 @@ static inline void idct2x2_pass2(const int32_t *ws, int dcq, uint8_t out[2][2])
     for (int row = 0; row < 2; row++) {
         int64_t w0 = (int64_t)ws[row] + (int64_t)dcq * 4, w1 = ws[2 + row], w3 = ws[4 + row],
                 w5 = ws[6 + row], w7 = ws[8 + row];
-        if (w1 == 0 && w3 == 0 && w5 == 0 && w7 == 0) {
-            out[row][0] = out[row][1] = IDCT_LIMIT[DESCALE(w0, 5) & 1023];
-            continue;
-        }
+        /* (libjpeg's zero-row shortcut equals the full formula: DESCALE(w0 << 15, 20) = DESCALE(w0, 5)) */
         int64_t tmp10 = w0 * ((int64_t)1 << 15);
         int64_t tmp0 = w7 * -5906 + w5 * 6967 + w3 * -10426 + w1 * 29692;
         out[row][0] = IDCT_LIMIT[DESCALE(tmp10 + tmp0, 20) & 1023];
@@ -829,12 +835,11 @@ typedef struct {
 
 static inline void put_rgb(uint8_t *o, int y, int cb, int cr)
 {
-    int r = y + CR_R[cr];
-    int g = y + ((CB_G[cb] + CR_G[cr]) >> SCALEBITS);
-    int b = y + CB_B[cb];
-    o[0] = (uint8_t)(r < 0 ? 0 : r > 255 ? 255 : r);
-    o[1] = (uint8_t)(g < 0 ? 0 : g > 255 ? 255 : g);
-    o[2] = (uint8_t)(b < 0 ? 0 : b > 255 ? 255 : b);
+    /* libjpeg's sample_range_limit as a table: colours near white or black clamp often, and those
+     * branches would mispredict */
+    o[0] = SATURATE[384 + y + CR_R[cr]];
+    o[1] = SATURATE[384 + y + ((CB_G[cb] + CR_G[cr]) >> SCALEBITS)];
+    o[2] = SATURATE[384 + y + CB_B[cb]];
 }
 
 /* 4:2:0, the phone-photo layout: each MCU is 2x2 output pixels, made and colour-converted in place. */
@@ -872,8 +877,16 @@ static void render_rows_420(RenderJob *rj, const int pred0[MAX_COMPS], int m0)
             pcr += d[5];
             idct2x2_pass2(ws + 10, (int16_t)pcr * qcr, cr);
             int x = 2 * mx, cols = rj->out_w - x >= 2 ? 2 : rj->out_w - x;
-            for (int r = 0; r < rows; r++)
-                for (int c = 0; c < cols; c++) put_rgb(o + r * stride + (size_t)(x + c) * 3, yv[r][c], cb[r][c], cr[r][c]);
+            uint8_t *p = o + (size_t)x * 3;
+            if (rows == 2 && cols == 2) {
+                put_rgb(p, yv[0][0], cb[0][0], cr[0][0]);
+                put_rgb(p + 3, yv[0][1], cb[0][1], cr[0][1]);
+                put_rgb(p + stride, yv[1][0], cb[1][0], cr[1][0]);
+                put_rgb(p + stride + 3, yv[1][1], cb[1][1], cr[1][1]);
+                continue;
+            }
+            for (int r = 0; r < rows; r++) /* the cropped right or bottom edge */
+                for (int c = 0; c < cols; c++) put_rgb(p + r * stride + (size_t)c * 3, yv[r][c], cb[r][c], cr[r][c]);
         }
     }
 }
