@@ -69,7 +69,7 @@ typedef struct {
     int chroma2x2;                      /* chroma blocks get the 2x2 reduced IDCT (4:2:0) */
     int phase_chroma_slot[MAX_PHASES];  /* -1 for 1x1 blocks, else slot within the MCU */
     int chroma_per_mcu;
-    int32_t q25[MAX_COMPS][25];          /* quantisers in SLOT25 order */
+    int64_t kq[MAX_COMPS][64];           /* 2x2 IDCT pass-1 factor of each zigzag position */
     /* entropy-coded data, unstuffed, padded with zeros */
     uint8_t *buf;
     uint64_t nbits;
@@ -264,23 +264,39 @@ static void build_pair_lookup(const uint32_t *lut, uint32_t *pair)
     }
 }
 
-/* The 25 coefficients the 2x2 reduced IDCT reads: rows and columns 0, 1, 3, 5, 7. */
-static int8_t SLOT25[64];
+/* The 2x2 reduced IDCT reads rows and columns 0, 1, 3, 5, 7. Its first pass is, per column, two sums
+ * of dequantised coefficients times constants; they are accumulated as the coefficients are decoded:
+ * acc[c] for row 0 (tmp10), acc[5 + c] for the odd rows (tmp0), acc[10] for the coefficients it
+ * ignores. ACC_OF_ZIGZAG maps a zigzag position to its sum; Jpeg.kq holds the factor. */
+#define ACC_SIZE 11
+static int8_t ACC_OF_ZIGZAG[64];
+static const int64_t ODD_ROW_FACTOR[5] = {0, 29692, -10426, 6967, -5906}; /* rows 1, 3, 5, 7 (jidctred.c) */
 
-static void init_slot25(void)
+static int reduced_index(int i) { return (i == 0) ? 0 : (i & 1) ? (i + 1) / 2 : -1; } /* 0,1,3,5,7 -> 0..4 */
+
+static void init_acc_tables(void)
 {
-    static const int keep[8] = {0, 1, -1, 2, -1, 3, -1, 4};
-    for (int i = 0; i < 64; i++) {
-        int r = keep[i / 8], c = keep[i % 8];
-        SLOT25[i] = (int8_t)((r < 0 || c < 0) ? -1 : r * 5 + c);
+    for (int k = 0; k < 64; k++) {
+        int n = ZIGZAG_TO_NATURAL[k], r = reduced_index(n / 8), c = reduced_index(n % 8);
+        ACC_OF_ZIGZAG[k] = (int8_t)((r < 0 || c < 0 || k == 0) ? 10 : r == 0 ? c : 5 + c);
     }
 }
 
-/* Decode one block from bit `pos`: the DC difference into *dcdiff and, when `c25` is given, the
- * coefficients the 2x2 IDCT needs. Returns the bit position after the block, or BAD. */
+/* the factor of each zigzag position for quantisation table q (natural order) */
+static void acc_factors(const uint16_t *q, int64_t *kq)
+{
+    for (int k = 0; k < 64; k++) {
+        int n = ZIGZAG_TO_NATURAL[k], r = reduced_index(n / 8);
+        kq[k] = ACC_OF_ZIGZAG[k] == 10 ? 0 : r == 0 ? (int64_t)q[n] : (int64_t)q[n] * ODD_ROW_FACTOR[r];
+    }
+}
+
+/* Decode one block from bit `pos`: the DC difference into *dcdiff and, when `acc` is given, the
+ * 2x2 IDCT's first-pass sums (see ACC_OF_ZIGZAG; `kq` the factors). Returns the bit position after
+ * the block, or BAD. */
 static inline __attribute__((always_inline)) uint64_t
 decode_block(const uint8_t *buf, uint64_t pos, const Huff *dc, const Huff *ac, const uint32_t *lut,
-             int *dcdiff, int16_t *c25)
+             int *dcdiff, int64_t *acc, const int64_t *kq)
 {
     int len;
     uint64_t w = peek64(buf, pos);
@@ -299,12 +315,12 @@ decode_block(const uint8_t *buf, uint64_t pos, const Huff *dc, const Huff *ac, c
     for (int k = 1; k < 64;) {
         /* w holds 57 - used valid bits: a pair lookup needs AC_BITS of them, the paths below 31 (the
          * longest code and its extra bits). Refilling less often mispredicts less often. */
-        if (used > (!c25 && k <= 47 ? 57 - AC_BITS : 26)) {
+        if (used > (!acc && k <= 47 ? 57 - AC_BITS : 26)) {
             pos += (uint64_t)used;
             w = peek64(buf, pos);
             used = 0;
         }
-        if (!c25 && k <= 47) {
+        if (!acc && k <= 47) {
             uint32_t e = ac->pair[w >> (64 - AC_BITS)];
             if (e) {
                 int l = e & 31;
@@ -329,10 +345,7 @@ decode_block(const uint8_t *buf, uint64_t pos, const Huff *dc, const Huff *ac, c
             if (e & AC_EOB) break;
             k += (e >> 5) & 127;
             if (k > 64 && !(e & AC_ZRL)) return BAD;
-            if (c25 && !(e & AC_ZRL)) {
-                int slot = SLOT25[ZIGZAG_TO_NATURAL[k - 1]];
-                if (slot >= 0) c25[slot] = (int16_t)(e >> 16);
-            }
+            if (acc && !(e & AC_ZRL)) acc[ACC_OF_ZIGZAG[k - 1]] += (int16_t)(e >> 16) * kq[k - 1];
             continue;
         }
         int rs = huff_decode(ac, w, &len);
@@ -344,10 +357,7 @@ decode_block(const uint8_t *buf, uint64_t pos, const Huff *dc, const Huff *ac, c
         if (s) {
             k += r;
             if (k > 63) return BAD;
-            if (c25) {
-                int slot = SLOT25[ZIGZAG_TO_NATURAL[k]];
-                if (slot >= 0) c25[slot] = (int16_t)extend((uint32_t)(w >> (64 - s)), s);
-            }
+            if (acc) acc[ACC_OF_ZIGZAG[k]] += extend((uint32_t)(w >> (64 - s)), s) * kq[k];
             w <<= s;
             used += s;
             k++;
@@ -363,18 +373,13 @@ decode_block(const uint8_t *buf, uint64_t pos, const Huff *dc, const Huff *ac, c
 
 #define DESCALE(x, n) (((x) + ((int64_t)1 << ((n) - 1))) >> (n))
 
-/* Pass 1 of the 2x2 IDCT over columns 0,1,3,5,7, with the DC term left out (it is added when the DC
- * predictors are known: pass 1 is exactly linear in it). `in` and `q` are in SLOT25 order;
- * ws[2*i + row] for column index i. */
-static void idct2x2_pass1(const int16_t *in, const int32_t *q, int32_t *ws)
+/* Pass 1 of the 2x2 IDCT from the sums decode_block accumulated, with the DC term left out (it is
+ * added when the DC predictors are known: pass 1 is exactly linear in it). ws[2*i + row] for column
+ * index i. libjpeg skips columns whose odd rows are zero; the full formula gives the same value. */
+static inline void idct2x2_pass1(const int64_t *acc, int32_t *ws)
 {
     for (int i = 0; i < 5; i++) {
-        /* libjpeg skips columns whose odd terms are zero; the full formula gives the same value then
-         * (tmp0 = 0 and tmp10 is a multiple of 2^13), and no data-dependent branch */
-        int64_t top = (i == 0) ? 0 : (int64_t)in[i] * q[i];
-        int64_t tmp10 = top * ((int64_t)1 << 15);
-        int64_t tmp0 = (int64_t)in[20 + i] * q[20 + i] * -5906 + (int64_t)in[15 + i] * q[15 + i] * 6967 +
-                       (int64_t)in[10 + i] * q[10 + i] * -10426 + (int64_t)in[5 + i] * q[5 + i] * 29692;
+        int64_t tmp10 = acc[i] * ((int64_t)1 << 15), tmp0 = acc[5 + i];
         ws[2 * i] = (int32_t)DESCALE(tmp10 + tmp0, 13);
         ws[2 * i + 1] = (int32_t)DESCALE(tmp10 - tmp0, 13);
     }
@@ -645,7 +650,7 @@ typedef struct {
 static uint64_t decode_mcus(Jpeg *j, int m0, int m1, uint64_t pos, Speculator *spec, size_t *sync_block,
                             size_t *sync_rec)
 {
-    int16_t c25[25];
+    int64_t acc[ACC_SIZE];
     size_t r = 0;
     uint64_t watch_from = spec ? spec->start : UINT64_MAX;
     for (int m = m0; m < m1; m++) {
@@ -671,12 +676,11 @@ static uint64_t decode_mcus(Jpeg *j, int m0, int m1, uint64_t pos, Speculator *s
             int slot = j->phase_chroma_slot[b];
             int diff;
             if (slot >= 0) {
-                memset(c25, 0, sizeof c25);
-                pos = decode_block(j->buf, pos, &j->dc[c->td], &j->ac[c->ta], j->ac[c->ta].lut, &diff, c25);
-                if (pos != BAD)
-                    idct2x2_pass1(c25, j->q25[ci], j->ws + ((size_t)m * j->chroma_per_mcu + slot) * 10);
+                memset(acc, 0, sizeof acc);
+                pos = decode_block(j->buf, pos, &j->dc[c->td], &j->ac[c->ta], j->ac[c->ta].lut, &diff, acc, j->kq[ci]);
+                if (pos != BAD) idct2x2_pass1(acc, j->ws + ((size_t)m * j->chroma_per_mcu + slot) * 10);
             } else {
-                pos = decode_block(j->buf, pos, &j->dc[c->td], &j->ac[c->ta], j->ac[c->ta].lut, &diff, NULL);
+                pos = decode_block(j->buf, pos, &j->dc[c->td], &j->ac[c->ta], j->ac[c->ta].lut, &diff, NULL, NULL);
             }
             if (pos == BAD || pos > j->nbits) return BAD;
             j->dcdiff[(size_t)m * j->bpm + b] = (int16_t)diff;
@@ -689,7 +693,7 @@ static void *speculate(void *arg)
 {
     Speculator *sp = arg;
     Jpeg *j = sp->j;
-    int16_t c25[25];
+    int64_t acc[ACC_SIZE];
     uint64_t pos = sp->start;
     int phase = 0;
     uint32_t cslot = 0;
@@ -706,10 +710,10 @@ static void *speculate(void *arg)
         int diff;
         uint64_t next;
         if (slot >= 0) {
-            memset(c25, 0, sizeof c25);
-            next = decode_block(j->buf, pos, &j->dc[c->td], &j->ac[c->ta], j->ac[c->ta].lut, &diff, c25);
+            memset(acc, 0, sizeof acc);
+            next = decode_block(j->buf, pos, &j->dc[c->td], &j->ac[c->ta], j->ac[c->ta].lut, &diff, acc, j->kq[ci]);
         } else {
-            next = decode_block(j->buf, pos, &j->dc[c->td], &j->ac[c->ta], j->ac[c->ta].lut, &diff, NULL);
+            next = decode_block(j->buf, pos, &j->dc[c->td], &j->ac[c->ta], j->ac[c->ta].lut, &diff, NULL, NULL);
         }
         if (next == BAD || next > j->nbits) {
             rec->phase = 0xFF; /* garbage (before synchronising) or a real error: never matches */
@@ -718,7 +722,7 @@ static void *speculate(void *arg)
             phase = 0;
         } else {
             sp->dc[n] = (int16_t)diff;
-            if (slot >= 0) idct2x2_pass1(c25, j->q25[ci], sp->ws + (size_t)cslot++ * 10);
+            if (slot >= 0) idct2x2_pass1(acc, sp->ws + (size_t)cslot++ * 10);
             pos = next;
             if (++phase == j->bpm) phase = 0;
         }
@@ -1017,9 +1021,7 @@ static PyObject *decode_eighth(PyObject *self, PyObject *args)
     }
     Py_ssize_t start = parse_headers(j, d, n);
     if (start < 0 || plan_layout(j) != 0) goto unsupported;
-    for (int c = 0; c < j->ncomp; c++)
-        for (int i = 0; i < 64; i++)
-            if (SLOT25[i] >= 0) j->q25[c][SLOT25[i]] = j->qt[j->comp[c].tq][i];
+    for (int c = 0; c < j->ncomp; c++) acc_factors(j->qt[j->comp[c].tq], j->kq[c]);
     int out_w = (j->width + 7) / 8, out_h = (j->height + 7) / 8;
     pixels = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)out_w * out_h * j->ncomp);
     if (!pixels) goto fail;
@@ -1061,6 +1063,6 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_jpeg8", NULL, -1, m
 PyMODINIT_FUNC PyInit__jpeg8(void)
 {
     init_tables();
-    init_slot25();
+    init_acc_tables();
     return PyModule_Create(&module);
 }
