@@ -398,6 +398,70 @@ static inline void idct2x2_pass2(const int32_t *ws, int dcq, uint8_t out[2][2])
     }
 }
 
+static inline void put_rgb(uint8_t *o, int y, int cb, int cr)
+{
+    /* libjpeg's sample_range_limit as a table: colours near white or black clamp often, and those
+     * branches would mispredict */
+    o[0] = SATURATE[384 + y + CR_R[cr]];
+    o[1] = SATURATE[384 + y + ((CB_G[cb] + CR_G[cr]) >> SCALEBITS)];
+    o[2] = SATURATE[384 + y + CB_B[cb]];
+}
+
+/* Where 4:2:0 MCUs become RGB: the output, and the DC predictors before the next MCU. */
+typedef struct {
+    uint8_t *out;
+    int out_w, out_h;
+    int pred[MAX_COMPS];
+} Emit;
+
+/* One 4:2:0 MCU (its six DC differences `d`, its chroma pass-1 workspaces `ws`) as 2x2 RGB pixels. */
+static inline void emit_420(const Jpeg *j, Emit *e, int mx, int my, const int16_t *d, const int32_t *ws)
+{
+    const int qy = j->qt[j->comp[0].tq][0], qcb = j->qt[j->comp[1].tq][0], qcr = j->qt[j->comp[2].tq][0];
+    uint8_t yv[2][2], cb[2][2], cr[2][2];
+    int py = e->pred[0];
+    py += d[0];
+    yv[0][0] = IDCT_LIMIT[DESCALE((int64_t)((int16_t)py * qy), 3) & 1023];
+    py += d[1];
+    yv[0][1] = IDCT_LIMIT[DESCALE((int64_t)((int16_t)py * qy), 3) & 1023];
+    py += d[2];
+    yv[1][0] = IDCT_LIMIT[DESCALE((int64_t)((int16_t)py * qy), 3) & 1023];
+    py += d[3];
+    yv[1][1] = IDCT_LIMIT[DESCALE((int64_t)((int16_t)py * qy), 3) & 1023];
+    e->pred[0] = py;
+    e->pred[1] += d[4];
+    idct2x2_pass2(ws, (int16_t)e->pred[1] * qcb, cb);
+    e->pred[2] += d[5];
+    idct2x2_pass2(ws + 10, (int16_t)e->pred[2] * qcr, cr);
+    const size_t stride = (size_t)e->out_w * 3;
+    int x = 2 * mx, y = 2 * my;
+    int cols = e->out_w - x >= 2 ? 2 : e->out_w - x, rows = e->out_h - y >= 2 ? 2 : e->out_h - y;
+    uint8_t *p = e->out + (size_t)y * stride + (size_t)x * 3;
+    if (rows == 2 && cols == 2) {
+        put_rgb(p, yv[0][0], cb[0][0], cr[0][0]);
+        put_rgb(p + 3, yv[0][1], cb[0][1], cr[0][1]);
+        put_rgb(p + stride, yv[1][0], cb[1][0], cr[1][0]);
+        put_rgb(p + stride + 3, yv[1][1], cb[1][1], cr[1][1]);
+        return;
+    }
+    for (int r = 0; r < rows; r++) /* the cropped right or bottom edge */
+        for (int c = 0; c < cols; c++) put_rgb(p + r * stride + (size_t)c * 3, yv[r][c], cb[r][c], cr[r][c]);
+}
+
+/* 4:2:0 MCUs [m0, m1) to RGB, starting from the predictors in `e` (those before m0). */
+static void render_mcus_420(const Jpeg *j, Emit *e, int m0, int m1)
+{
+    int mx = m0 % j->mcux, my = m0 / j->mcux;
+    for (int m = m0; m < m1; m++) {
+        if (j->dri && m % j->dri == 0) e->pred[0] = e->pred[1] = e->pred[2] = 0;
+        emit_420(j, e, mx, my, j->dcdiff + (size_t)m * 6, j->ws + (size_t)m * 20);
+        if (++mx == j->mcux) {
+            mx = 0;
+            my++;
+        }
+    }
+}
+
 /* ---- buffer pool ------------------------------------------------------------------------------- */
 /* A 12-megapixel photo needs about 10 MB of scratch memory. Fresh pages cost a page fault each
  * (milliseconds per photo), so the last buffers of each kind are kept for the next photo. */
@@ -749,9 +813,13 @@ static void *decode_range_thread(void *arg)
     return NULL;
 }
 
-/* Decode all blocks; returns 0, or -1 on anything libjpeg might treat differently. */
-static int decode_all(Jpeg *j, int threads)
+/* Decode all blocks; returns 0, or -1 on anything libjpeg might treat differently. With `early`
+ * (4:2:0), the first thread renders the MCUs before the sync point while the speculating thread is
+ * still decoding: *rendered is set to the first MCU not rendered, early->pred to the predictors
+ * before it. */
+static int decode_all(Jpeg *j, int threads, Emit *early, int *rendered)
 {
+    *rendered = 0;
     size_t total = (size_t)j->nmcu * j->bpm;
     int parallel = threads > 1 && j->nbits >= (uint64_t)MIN_PARALLEL_BYTES * 8;
     if (j->dri && parallel && j->nintervals >= 2) {
@@ -793,6 +861,10 @@ static int decode_all(Jpeg *j, int threads)
     int rc = 0;
     uint64_t pos = decode_mcus(j, 0, j->nmcu, 0, &sp, &sync_block, &sync_rec);
     if (pos != BAD && sync_block != SIZE_MAX) {
+        if (early) { /* its predictors are known up to here: use the wait */
+            *rendered = (int)(sync_block / j->bpm);
+            render_mcus_420(j, early, 0, *rendered);
+        }
         pthread_join(t, NULL);
         size_t need = total - sync_block;
         int ok = sp.count >= sync_rec + need;
@@ -837,64 +909,6 @@ typedef struct {
     int out_w, out_h, my0, my1;
 } RenderJob;
 
-static inline void put_rgb(uint8_t *o, int y, int cb, int cr)
-{
-    /* libjpeg's sample_range_limit as a table: colours near white or black clamp often, and those
-     * branches would mispredict */
-    o[0] = SATURATE[384 + y + CR_R[cr]];
-    o[1] = SATURATE[384 + y + ((CB_G[cb] + CR_G[cr]) >> SCALEBITS)];
-    o[2] = SATURATE[384 + y + CB_B[cb]];
-}
-
-/* 4:2:0, the phone-photo layout: each MCU is 2x2 output pixels, made and colour-converted in place. */
-static void render_rows_420(RenderJob *rj, const int pred0[MAX_COMPS], int m0)
-{
-    Jpeg *j = rj->j;
-    int py = pred0[0], pcb = pred0[1], pcr = pred0[2];
-    const int qy = j->qt[j->comp[0].tq][0], qcb = j->qt[j->comp[1].tq][0], qcr = j->qt[j->comp[2].tq][0];
-    const int16_t *d = j->dcdiff + (size_t)m0 * 6;
-    const int32_t *ws = j->ws + (size_t)m0 * 20;
-    int first = j->dri ? m0 - m0 % j->dri : 0;
-    int until_restart = j->dri ? j->dri - (m0 - first) : -1;
-    const size_t stride = (size_t)rj->out_w * 3;
-    for (int my = rj->my0; my < rj->my1; my++) {
-        int y = 2 * my;
-        int rows = rj->out_h - y >= 2 ? 2 : rj->out_h - y; /* the last MCU row may be cropped */
-        uint8_t *o = rj->out + (size_t)y * stride;
-        for (int mx = 0; mx < j->mcux; mx++, d += 6, ws += 20) {
-            if (until_restart == 0) {
-                py = pcb = pcr = 0;
-                until_restart = j->dri;
-            }
-            until_restart--;
-            uint8_t yv[2][2], cb[2][2], cr[2][2];
-            py += d[0];
-            yv[0][0] = IDCT_LIMIT[DESCALE((int64_t)((int16_t)py * qy), 3) & 1023];
-            py += d[1];
-            yv[0][1] = IDCT_LIMIT[DESCALE((int64_t)((int16_t)py * qy), 3) & 1023];
-            py += d[2];
-            yv[1][0] = IDCT_LIMIT[DESCALE((int64_t)((int16_t)py * qy), 3) & 1023];
-            py += d[3];
-            yv[1][1] = IDCT_LIMIT[DESCALE((int64_t)((int16_t)py * qy), 3) & 1023];
-            pcb += d[4];
-            idct2x2_pass2(ws, (int16_t)pcb * qcb, cb);
-            pcr += d[5];
-            idct2x2_pass2(ws + 10, (int16_t)pcr * qcr, cr);
-            int x = 2 * mx, cols = rj->out_w - x >= 2 ? 2 : rj->out_w - x;
-            uint8_t *p = o + (size_t)x * 3;
-            if (rows == 2 && cols == 2) {
-                put_rgb(p, yv[0][0], cb[0][0], cr[0][0]);
-                put_rgb(p + 3, yv[0][1], cb[0][1], cr[0][1]);
-                put_rgb(p + stride, yv[1][0], cb[1][0], cr[1][0]);
-                put_rgb(p + stride + 3, yv[1][1], cb[1][1], cr[1][1]);
-                continue;
-            }
-            for (int r = 0; r < rows; r++) /* the cropped right or bottom edge */
-                for (int c = 0; c < cols; c++) put_rgb(p + r * stride + (size_t)c * 3, yv[r][c], cb[r][c], cr[r][c]);
-        }
-    }
-}
-
 /* DC sums, reduced IDCTs and colour conversion of MCU rows [my0, my1). */
 static void *render_rows(void *arg)
 {
@@ -906,19 +920,6 @@ static void *render_rows(void *arg)
     /* the DC predictors where this range starts */
     int first = j->dri ? m0 - m0 % j->dri : 0;
     const int16_t *d = j->dcdiff + (size_t)first * bpm, *end = j->dcdiff + (size_t)m0 * bpm;
-    if (j->chroma2x2) { /* Y Y Y Y Cb Cr: sums in registers */
-        int sy = 0, scb = 0, scr = 0;
-        for (; d < end; d += 6) {
-            sy += d[0] + d[1] + d[2] + d[3];
-            scb += d[4];
-            scr += d[5];
-        }
-        pred[0] = sy;
-        pred[1] = scb;
-        pred[2] = scr;
-        render_rows_420(rj, pred, m0);
-        return NULL;
-    }
     for (; d < end; d += bpm)
         for (int b = 0; b < bpm; b++) pred[j->phase_comp[b]] += d[b];
     /* per block of an MCU: its plane, its offset from the MCU's corner, its DC quantiser */
@@ -976,13 +977,49 @@ static void *render_rows(void *arg)
 }
 
 /* Render the decoded blocks into `out` (out_w x out_h x ncomp), the lower half on a second thread. */
+typedef struct {
+    const Jpeg *j;
+    Emit emit;
+    int m0, m1;
+} Rest420;
+
+static void *render_rest_420(void *arg)
+{
+    Rest420 *r = arg;
+    render_mcus_420(r->j, &r->emit, r->m0, r->m1);
+    return NULL;
+}
+
+/* The 4:2:0 MCUs [from, nmcu) not rendered yet (predictors in `emit`), the second half on a thread. */
+static void render_420(const Jpeg *j, const Emit *emit, int from, int threads)
+{
+    Rest420 first = {j, *emit, from, j->nmcu}, second = first;
+    pthread_t t;
+    int split = threads > 1 && j->nmcu - from >= 2048;
+    if (split) {
+        first.m1 = second.m0 = from + (j->nmcu - from) / 2;
+        for (int m = from; m < second.m0; m++) { /* the predictors where the second half starts */
+            if (j->dri && m % j->dri == 0) second.emit.pred[0] = second.emit.pred[1] = second.emit.pred[2] = 0;
+            const int16_t *d = j->dcdiff + (size_t)m * 6;
+            second.emit.pred[0] += d[0] + d[1] + d[2] + d[3];
+            second.emit.pred[1] += d[4];
+            second.emit.pred[2] += d[5];
+        }
+        split = pthread_create(&t, NULL, render_rest_420, &second) == 0;
+        if (!split) first.m1 = j->nmcu;
+    }
+    render_mcus_420(j, &first.emit, first.m0, first.m1);
+    if (split) pthread_join(t, NULL);
+}
+
+/* Grayscale and 4:4:4: planes of DC pixels, then colour conversion, by MCU rows on two threads. */
 static int render(Jpeg *j, uint8_t *out, int out_w, int out_h, int threads)
 {
     size_t plane_size = (size_t)j->mcux * j->hmax * j->mcuy * j->vmax;
-    uint8_t *planes = j->chroma2x2 ? NULL : pool_get(POOL_PLANES, plane_size * j->ncomp);
-    if (!planes && !j->chroma2x2) return -1;
+    uint8_t *planes = pool_get(POOL_PLANES, plane_size * j->ncomp);
+    if (!planes) return -1;
     RenderJob top = {j, {NULL, NULL, NULL}, out, out_w, out_h, 0, j->mcuy};
-    for (int c = 0; c < j->ncomp && planes; c++) top.plane[c] = planes + (size_t)c * plane_size;
+    for (int c = 0; c < j->ncomp; c++) top.plane[c] = planes + (size_t)c * plane_size;
     RenderJob bottom = top;
     pthread_t t;
     int split = threads > 1 && j->nmcu >= 4096;
@@ -1032,9 +1069,12 @@ static PyObject *decode_eighth(PyObject *self, PyObject *args)
         size_t total = (size_t)j->nmcu * j->bpm;
         j->dcdiff = pool_get(POOL_DC, sizeof(int16_t) * total);
         j->ws = pool_get(POOL_WS, sizeof(int32_t) * 10 * ((size_t)j->nmcu * j->chroma_per_mcu + 1));
-        rc = (j->dcdiff && j->ws) ? decode_all(j, threads) : -1;
+        Emit emit = {(uint8_t *)PyBytes_AS_STRING(pixels), out_w, out_h, {0, 0, 0}};
+        int rendered = 0;
+        rc = (j->dcdiff && j->ws) ? decode_all(j, threads, j->chroma2x2 ? &emit : NULL, &rendered) : -1;
+        if (rc == 0 && j->chroma2x2) render_420(j, &emit, rendered, threads);
+        else if (rc == 0) rc = render(j, (uint8_t *)PyBytes_AS_STRING(pixels), out_w, out_h, threads);
     }
-    if (rc == 0) rc = render(j, (uint8_t *)PyBytes_AS_STRING(pixels), out_w, out_h, threads);
     Py_END_ALLOW_THREADS
     if (rc != 0) goto unsupported;
     result = Py_BuildValue("(iiiN)", out_w, out_h, j->ncomp, pixels);
