@@ -232,10 +232,10 @@ static void build_ac_lookup(const Huff *h, const uint8_t *counts, uint32_t *lut)
 }
 
 /* For blocks whose AC values are not needed (all but 4:2:0 chroma), two symbols per lookup when
- * both fit in AC_BITS: bits 0-4 length, 5-10 how far k advances, 12 end of block, 14 the second
- * symbol is a coefficient (its position must be checked). Only used while k <= 47, so the first
- * symbol can never be the block's last coefficient. */
-#define PAIR_COEF2 (1u << 14)
+ * both fit in AC_BITS: bits 0-4 length, bit 5 the second symbol is a coefficient (its position must
+ * be checked), bits 8-15 how far k advances, an end of block counting 64 so that it ends the loop.
+ * Only used while k <= 47, so the first symbol can never be the block's last coefficient. */
+#define PAIR_COEF2 (1u << 5)
 
 static void build_pair_lookup(const uint32_t *lut, uint32_t *pair)
 {
@@ -243,8 +243,12 @@ static void build_pair_lookup(const uint32_t *lut, uint32_t *pair)
     for (int i = 0; i <= mask; i++) {
         uint32_t e1 = lut[i];
         int len1 = e1 & 31;
-        if (!e1 || (e1 & AC_EOB)) {
-            pair[i] = e1 & (31u | AC_EOB);
+        if (!e1) {
+            pair[i] = 0;
+            continue;
+        }
+        if (e1 & AC_EOB) {
+            pair[i] = (uint32_t)len1 | (64u << 8);
             continue;
         }
         uint32_t inc = (e1 >> 5) & 127, flags = 0;
@@ -252,7 +256,7 @@ static void build_pair_lookup(const uint32_t *lut, uint32_t *pair)
         int len2 = e2 & 31;
         if (e2 && len1 + len2 <= AC_BITS) {
             if (e2 & AC_EOB) {
-                flags = AC_EOB;
+                inc += 64;
             } else {
                 inc += (e2 >> 5) & 127;
                 if (!(e2 & AC_ZRL)) flags = PAIR_COEF2;
@@ -260,7 +264,7 @@ static void build_pair_lookup(const uint32_t *lut, uint32_t *pair)
         } else {
             len2 = 0;
         }
-        pair[i] = (uint32_t)(len1 + len2) | (inc << 5) | flags;
+        pair[i] = (uint32_t)(len1 + len2) | (inc << 8) | flags;
     }
 }
 
@@ -312,26 +316,31 @@ decode_block(const uint8_t *buf, uint64_t pos, const Huff *dc, const Huff *ac, c
         used += s;
     }
     *dcdiff = diff;
-    for (int k = 1; k < 64;) {
-        /* w holds 57 - used valid bits: a pair lookup needs AC_BITS of them, the paths below 31 (the
-         * longest code and its extra bits). Refilling less often mispredicts less often. */
-        if (used > (!acc && k <= 47 ? 57 - AC_BITS : 26)) {
-            pos += (uint64_t)used;
-            w = peek64(buf, pos);
-            used = 0;
-        }
-        if (!acc && k <= 47) {
-            uint32_t e = ac->pair[w >> (64 - AC_BITS)];
-            if (e) {
+    int k = 1;
+    for (;;) {
+        if (!acc) {
+            /* two symbols a lookup while k <= 47; a pair lookup needs only AC_BITS valid bits of the
+             * 57 - used in w, so it refills less often than the paths below (fewer mispredictions) */
+            uint32_t e = 0;
+            while (k <= 47) {
+                if (used > 57 - AC_BITS) {
+                    pos += (uint64_t)used;
+                    w = peek64(buf, pos);
+                    used = 0;
+                }
+                e = ac->pair[w >> (64 - AC_BITS)];
+                if (!e) break; /* a code longer than AC_BITS: one symbol below */
                 int l = e & 31;
                 w <<= l;
                 used += l;
-                if (e & AC_EOB) break;
-                k += (e >> 5) & 63;
+                k += (int)(e >> 8);
+            }
+            if (k > 47) {
                 if (k > 64 && (e & PAIR_COEF2)) return BAD;
-                continue;
+                if (k >= 64) break;
             }
         }
+        /* one symbol: needs 31 valid bits (the longest code and its extra bits) */
         if (used > 26) {
             pos += (uint64_t)used;
             w = peek64(buf, pos);
@@ -346,6 +355,7 @@ decode_block(const uint8_t *buf, uint64_t pos, const Huff *dc, const Huff *ac, c
             k += (e >> 5) & 127;
             if (k > 64 && !(e & AC_ZRL)) return BAD;
             if (acc && !(e & AC_ZRL)) acc[ACC_OF_ZIGZAG[k - 1]] += (int16_t)(e >> 16) * kq[k - 1];
+            if (k >= 64) break;
             continue;
         }
         int rs = huff_decode(ac, w, &len);
@@ -365,6 +375,7 @@ decode_block(const uint8_t *buf, uint64_t pos, const Huff *dc, const Huff *ac, c
             if (r != 15) break;
             k += 16;
         }
+        if (k >= 64) break;
     }
     return pos + (uint64_t)used;
 }
