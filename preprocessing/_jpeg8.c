@@ -38,6 +38,7 @@
 #define MAX_PHASES 6
 #define PUBLISH_EVERY 64
 #define MIN_PARALLEL_BYTES (256 * 1024)
+#define MAX_PIXELS ((int64_t)200 * 1000 * 1000)
 
 typedef struct {
     uint16_t fast[1 << FAST_BITS]; /* (length << 8) | symbol; 0 when the code is longer */
@@ -47,6 +48,7 @@ typedef struct {
     uint8_t counts[16];
     uint32_t lut[1 << 11];  /* AC only: see build_ac_lookup */
     uint32_t pair[1 << 11]; /* AC only: see build_pair_lookup */
+    int fast_vmax;          /* AC only: the largest |value| a one-lookup entry of `lut` yields */
     int defined;
 } Huff;
 
@@ -70,6 +72,8 @@ typedef struct {
     int phase_chroma_slot[MAX_PHASES];  /* -1 for 1x1 blocks, else slot within the MCU */
     int chroma_per_mcu;
     int64_t kq[MAX_COMPS][64];           /* 2x2 IDCT pass-1 factor of each zigzag position */
+    int32_t qz[MAX_COMPS][64];           /* quantiser of each zigzag position */
+    int check_fast[MAX_COMPS];           /* one-lookup values can overflow 16 bits when dequantised */
     /* entropy-coded data, unstuffed, padded with zeros */
     uint8_t *buf;
     uint64_t nbits;
@@ -113,7 +117,7 @@ static void init_tables(void)
 
 /* ---- Huffman tables ------------------------------------------------------------------------ */
 
-static void build_ac_lookup(const Huff *h, const uint8_t *counts, uint32_t *lut);
+static void build_ac_lookup(Huff *h, const uint8_t *counts, uint32_t *lut);
 static void build_pair_lookup(const uint32_t *lut, uint32_t *pair);
 
 static int build_huff(Huff *h, const uint8_t *counts, const uint8_t *vals, int nvals, int is_dc)
@@ -207,7 +211,7 @@ static inline int extend(uint32_t v, int s)
 #define AC_EOB (1u << 12)
 #define AC_ZRL (1u << 13)
 
-static void build_ac_lookup(const Huff *h, const uint8_t *counts, uint32_t *lut)
+static void build_ac_lookup(Huff *h, const uint8_t *counts, uint32_t *lut)
 {
     memset(lut, 0, sizeof(uint32_t) << AC_BITS);
     int code = 0, p = 0;
@@ -221,6 +225,7 @@ static void build_ac_lookup(const Huff *h, const uint8_t *counts, uint32_t *lut)
                 for (int k = 0; k < (1 << (AC_BITS - len)); k++) lut[base + k] = e;
             } else {
                 if (len + s > AC_BITS) continue;
+                if ((1 << s) - 1 > h->fast_vmax) h->fast_vmax = (1 << s) - 1;
                 for (int extra = 0; extra < (1 << s); extra++) {
                     int value = extend((uint32_t)extra, s);
                     uint32_t e = (uint32_t)(len + s) | ((uint32_t)(r + 1) << 5) | ((uint32_t)(uint16_t)value << 16);
@@ -287,20 +292,32 @@ static void init_acc_tables(void)
 }
 
 /* the factor of each zigzag position for quantisation table q (natural order) */
-static void acc_factors(const uint16_t *q, int64_t *kq)
+static void acc_factors(const uint16_t *q, int64_t *kq, int32_t *qz)
 {
     for (int k = 0; k < 64; k++) {
         int n = ZIGZAG_TO_NATURAL[k], r = reduced_index(n / 8);
+        qz[k] = q[n];
         kq[k] = ACC_OF_ZIGZAG[k] == 10 ? 0 : r == 0 ? (int64_t)q[n] : (int64_t)q[n] * ODD_ROW_FACTOR[r];
     }
 }
+
+/* libjpeg-turbo's SIMD 2x2 IDCT (what Pillow runs on x86 and Arm) dequantises in 16-bit lanes
+ * (wrapping), packs pass-1 results to 16 bits (saturating) and shifts in 32 bits, where the C code
+ * this file follows does not. Its 32-bit sums wrap harmlessly whenever the exact result fits. So the
+ * two agree when every dequantised coefficient fits 16 bits and every pass-1 result is within
+ * +-PASS1_SAFE: then pass 2's sums stay below 2^31 and its outputs within libjpeg's range table
+ * (|x| <= 511). Valid photos stay far inside (|pass-1| is about 32x a sample's distance from 128);
+ * a chroma block outside is declined (BAD) and Pillow decodes the photo its own way. */
+#define PASS1_SAFE 6000
+static inline uint32_t outside16(int64_t v) { return (uint64_t)(v + 32768) > 65535u; }
+static inline uint32_t outside_pass1(int64_t v) { return (uint64_t)(v + PASS1_SAFE) > 2u * PASS1_SAFE; }
 
 /* Decode one block from bit `pos`: the DC difference into *dcdiff and, when `acc` is given, the
  * 2x2 IDCT's first-pass sums (see ACC_OF_ZIGZAG; `kq` the factors). Returns the bit position after
  * the block, or BAD. */
 static inline __attribute__((always_inline)) uint64_t
 decode_block(const uint8_t *buf, uint64_t pos, const Huff *dc, const Huff *ac, const uint32_t *lut,
-             int *dcdiff, int64_t *acc, const int64_t *kq)
+             int *dcdiff, int64_t *acc, const int64_t *kq, const int32_t *qz, int check_fast)
 {
     int len;
     uint64_t w = peek64(buf, pos);
@@ -316,6 +333,7 @@ decode_block(const uint8_t *buf, uint64_t pos, const Huff *dc, const Huff *ac, c
         used += s;
     }
     *dcdiff = diff;
+    uint32_t declined = 0; /* a dequantised chroma coefficient outside 16 bits (see PASS1_SAFE) */
     int k = 1;
     for (;;) {
         if (!acc) {
@@ -354,7 +372,11 @@ decode_block(const uint8_t *buf, uint64_t pos, const Huff *dc, const Huff *ac, c
             if (e & AC_EOB) break;
             k += (e >> 5) & 127;
             if (k > 64 && !(e & AC_ZRL)) return BAD;
-            if (acc && !(e & AC_ZRL)) acc[ACC_OF_ZIGZAG[k - 1]] += (int16_t)(e >> 16) * kq[k - 1];
+            if (acc && !(e & AC_ZRL)) {
+                int v = (int16_t)(e >> 16);
+                if (check_fast) declined |= outside16(v * qz[k - 1]);
+                acc[ACC_OF_ZIGZAG[k - 1]] += v * kq[k - 1];
+            }
             if (k >= 64) break;
             continue;
         }
@@ -367,7 +389,11 @@ decode_block(const uint8_t *buf, uint64_t pos, const Huff *dc, const Huff *ac, c
         if (s) {
             k += r;
             if (k > 63) return BAD;
-            if (acc) acc[ACC_OF_ZIGZAG[k]] += extend((uint32_t)(w >> (64 - s)), s) * kq[k];
+            if (acc) {
+                int v = extend((uint32_t)(w >> (64 - s)), s);
+                declined |= outside16(v * qz[k]);
+                acc[ACC_OF_ZIGZAG[k]] += v * kq[k];
+            }
             w <<= s;
             used += s;
             k++;
@@ -377,7 +403,7 @@ decode_block(const uint8_t *buf, uint64_t pos, const Huff *dc, const Huff *ac, c
         }
         if (k >= 64) break;
     }
-    return pos + (uint64_t)used;
+    return declined ? BAD : pos + (uint64_t)used;
 }
 
 /* ---- reduced IDCTs (libjpeg-turbo jidctred.c arithmetic, CONST_BITS 13, PASS1_BITS 2) ---------- */
@@ -387,17 +413,33 @@ decode_block(const uint8_t *buf, uint64_t pos, const Huff *dc, const Huff *ac, c
 /* Pass 1 of the 2x2 IDCT from the sums decode_block accumulated, with the DC term left out (it is
  * added when the DC predictors are known: pass 1 is exactly linear in it). ws[2*i + row] for column
  * index i. libjpeg skips columns whose odd rows are zero; the full formula gives the same value. */
-static inline void idct2x2_pass1(const int64_t *acc, int32_t *ws)
+static inline uint32_t pass1_column(const int64_t *acc, int32_t *ws, int i)
 {
-    for (int i = 0; i < 5; i++) {
-        int64_t tmp10 = acc[i] * ((int64_t)1 << 15), tmp0 = acc[5 + i];
-        ws[2 * i] = (int32_t)DESCALE(tmp10 + tmp0, 13);
-        ws[2 * i + 1] = (int32_t)DESCALE(tmp10 - tmp0, 13);
-    }
+    int64_t tmp10 = acc[i] * ((int64_t)1 << 15), tmp0 = acc[5 + i];
+    int64_t a = DESCALE(tmp10 + tmp0, 13), b = DESCALE(tmp10 - tmp0, 13);
+    ws[2 * i] = (int32_t)a;
+    ws[2 * i + 1] = (int32_t)b;
+    return outside_pass1(a) | outside_pass1(b);
 }
 
-static inline void idct2x2_pass2(const int32_t *ws, int dcq, uint8_t out[2][2])
+/* (written out: a loop here mispredicts its exit once per chroma block) */
+static inline int idct2x2_pass1(const int64_t *acc, int32_t *ws)
 {
+    pass1_column(acc, ws, 0); /* column 0 is checked once its DC is added */
+    return !(pass1_column(acc, ws, 1) | pass1_column(acc, ws, 2) | pass1_column(acc, ws, 3) |
+             pass1_column(acc, ws, 4));
+}
+
+static inline void clear_acc(int64_t *acc)
+{
+    acc[0] = acc[1] = acc[2] = acc[3] = acc[4] = acc[5] = acc[6] = acc[7] = acc[8] = acc[9] = acc[10] = 0;
+}
+
+/* Returns 0 where libjpeg-turbo's SIMD code would compute differently (see PASS1_SAFE). */
+static inline int idct2x2_pass2(const int32_t *ws, int dcq, uint8_t out[2][2])
+{
+    uint32_t declined = outside16(dcq) | outside_pass1((int64_t)ws[0] + (int64_t)dcq * 4) |
+                        outside_pass1((int64_t)ws[1] + (int64_t)dcq * 4);
     for (int row = 0; row < 2; row++) {
         int64_t w0 = (int64_t)ws[row] + (int64_t)dcq * 4, w1 = ws[2 + row], w3 = ws[4 + row],
                 w5 = ws[6 + row], w7 = ws[8 + row];
@@ -407,6 +449,7 @@ static inline void idct2x2_pass2(const int32_t *ws, int dcq, uint8_t out[2][2])
         out[row][0] = IDCT_LIMIT[DESCALE(tmp10 + tmp0, 20) & 1023];
         out[row][1] = IDCT_LIMIT[DESCALE(tmp10 - tmp0, 20) & 1023];
     }
+    return !declined;
 }
 
 static inline void put_rgb(uint8_t *o, int y, int cb, int cr)
@@ -423,6 +466,7 @@ typedef struct {
     uint8_t *out;
     int out_w, out_h;
     int pred[MAX_COMPS];
+    int declined; /* a block libjpeg-turbo's SIMD code would compute differently: use Pillow */
 } Emit;
 
 /* One 4:2:0 MCU (its six DC differences `d`, its chroma pass-1 workspaces `ws`) as 2x2 RGB pixels. */
@@ -441,9 +485,9 @@ static inline void emit_420(const Jpeg *j, Emit *e, int mx, int my, const int16_
     yv[1][1] = IDCT_LIMIT[DESCALE((int64_t)((int16_t)py * qy), 3) & 1023];
     e->pred[0] = py;
     e->pred[1] += d[4];
-    idct2x2_pass2(ws, (int16_t)e->pred[1] * qcb, cb);
+    e->declined |= !idct2x2_pass2(ws, (int16_t)e->pred[1] * qcb, cb);
     e->pred[2] += d[5];
-    idct2x2_pass2(ws + 10, (int16_t)e->pred[2] * qcr, cr);
+    e->declined |= !idct2x2_pass2(ws + 10, (int16_t)e->pred[2] * qcr, cr);
     const size_t stride = (size_t)e->out_w * 3;
     int x = 2 * mx, y = 2 * my;
     int cols = e->out_w - x >= 2 ? 2 : e->out_w - x, rows = e->out_h - y >= 2 ? 2 : e->out_h - y;
@@ -538,7 +582,7 @@ static Py_ssize_t parse_headers(Jpeg *j, const uint8_t *d, Py_ssize_t n)
             j->width = u16(s + 3);
             j->ncomp = s[5];
             if (j->height == 0 || j->width == 0) return -1; /* DNL */
-            if (!(j->ncomp == 1 || j->ncomp == 3) || sl < 6 + 3 * j->ncomp) return -1;
+            if (!(j->ncomp == 1 || j->ncomp == 3) || sl != 6 + 3 * j->ncomp) return -1; /* libjpeg: BAD_LENGTH */
             for (int c = 0; c < j->ncomp; c++) {
                 j->comp[c].id = s[6 + 3 * c];
                 j->comp[c].h = s[7 + 3 * c] >> 4;
@@ -569,7 +613,9 @@ static Py_ssize_t parse_headers(Jpeg *j, const uint8_t *d, Py_ssize_t n)
             while (off < sl) {
                 int pq = s[off] >> 4, tq = s[off] & 15;
                 int size = pq ? 128 : 64;
-                if (pq > 1 || tq > 3 || off + 1 + size > sl) return -1;
+                /* 16-bit tables (not for 8-bit baseline photos) would overflow libjpeg's int products
+                 * in ways this decoder does not mimic: leave them to libjpeg */
+                if (pq != 0 || tq > 3 || off + 1 + size > sl) return -1;
                 for (int k = 0; k < 64; k++)
                     j->qt[tq][ZIGZAG_TO_NATURAL[k]] =
                         (uint16_t)(pq ? u16(s + off + 1 + 2 * k) : s[off + 1 + k]);
@@ -579,7 +625,7 @@ static Py_ssize_t parse_headers(Jpeg *j, const uint8_t *d, Py_ssize_t n)
             break;
         }
         case 0xDD: /* DRI */
-            if (sl < 2) return -1;
+            if (sl != 2) return -1; /* libjpeg refuses other lengths */
             j->dri = u16(s);
             break;
         case 0xEE: /* APP14: an Adobe marker may say the colours are RGB or CMYK */
@@ -588,7 +634,7 @@ static Py_ssize_t parse_headers(Jpeg *j, const uint8_t *d, Py_ssize_t n)
         case 0xDA: { /* SOS */
             if (!have_sof || sl < 1) return -1;
             int ns = s[0];
-            if (ns != j->ncomp || sl < 1 + 2 * ns + 3) return -1;
+            if (ns != j->ncomp || sl != 1 + 2 * ns + 3) return -1; /* libjpeg refuses other lengths */
             for (int c = 0; c < ns; c++) {
                 if (s[1 + 2 * c] != j->comp[c].id) return -1;
                 j->comp[c].td = s[2 + 2 * c] >> 4;
@@ -751,11 +797,12 @@ static uint64_t decode_mcus(Jpeg *j, int m0, int m1, uint64_t pos, Speculator *s
             int slot = j->phase_chroma_slot[b];
             int diff;
             if (slot >= 0) {
-                memset(acc, 0, sizeof acc);
-                pos = decode_block(j->buf, pos, &j->dc[c->td], &j->ac[c->ta], j->ac[c->ta].lut, &diff, acc, j->kq[ci]);
-                if (pos != BAD) idct2x2_pass1(acc, j->ws + ((size_t)m * j->chroma_per_mcu + slot) * 10);
+                clear_acc(acc);
+                pos = decode_block(j->buf, pos, &j->dc[c->td], &j->ac[c->ta], j->ac[c->ta].lut, &diff, acc, j->kq[ci],
+                                   j->qz[ci], j->check_fast[ci]);
+                if (pos != BAD && !idct2x2_pass1(acc, j->ws + ((size_t)m * j->chroma_per_mcu + slot) * 10)) pos = BAD;
             } else {
-                pos = decode_block(j->buf, pos, &j->dc[c->td], &j->ac[c->ta], j->ac[c->ta].lut, &diff, NULL, NULL);
+                pos = decode_block(j->buf, pos, &j->dc[c->td], &j->ac[c->ta], j->ac[c->ta].lut, &diff, NULL, NULL, NULL, 0);
             }
             if (pos == BAD || pos > j->nbits) return BAD;
             j->dcdiff[(size_t)m * j->bpm + b] = (int16_t)diff;
@@ -785,10 +832,12 @@ static void *speculate(void *arg)
         int diff;
         uint64_t next;
         if (slot >= 0) {
-            memset(acc, 0, sizeof acc);
-            next = decode_block(j->buf, pos, &j->dc[c->td], &j->ac[c->ta], j->ac[c->ta].lut, &diff, acc, j->kq[ci]);
+            clear_acc(acc);
+            next = decode_block(j->buf, pos, &j->dc[c->td], &j->ac[c->ta], j->ac[c->ta].lut, &diff, acc, j->kq[ci],
+                                j->qz[ci], j->check_fast[ci]);
+            if (next != BAD && !idct2x2_pass1(acc, sp->ws + (size_t)cslot * 10)) next = BAD;
         } else {
-            next = decode_block(j->buf, pos, &j->dc[c->td], &j->ac[c->ta], j->ac[c->ta].lut, &diff, NULL, NULL);
+            next = decode_block(j->buf, pos, &j->dc[c->td], &j->ac[c->ta], j->ac[c->ta].lut, &diff, NULL, NULL, NULL, 0);
         }
         if (next == BAD || next > j->nbits) {
             rec->phase = 0xFF; /* garbage (before synchronising) or a real error: never matches */
@@ -797,7 +846,7 @@ static void *speculate(void *arg)
             phase = 0;
         } else {
             sp->dc[n] = (int16_t)diff;
-            if (slot >= 0) idct2x2_pass1(acc, sp->ws + (size_t)cslot++ * 10);
+            if (slot >= 0) cslot++; /* its workspace was written above */
             pos = next;
             if (++phase == j->bpm) phase = 0;
         }
@@ -942,7 +991,6 @@ static void *render_rows(void *arg)
         qdc[b] = j->qt[j->comp[j->phase_comp[b]].tq][0];
     }
     d = j->dcdiff + (size_t)m0 * bpm;
-    const int32_t *ws = j->ws + (size_t)m0 * j->chroma_per_mcu * 10;
     int until_restart = j->dri ? j->dri - (m0 - first) : -1;
     for (int my = rj->my0; my < rj->my1; my++) {
         size_t base = (size_t)my * j->vmax * pw;
@@ -956,18 +1004,8 @@ static void *render_rows(void *arg)
                 int ci = j->phase_comp[b];
                 pred[ci] += d[b];
                 int dcq = (int)(int16_t)pred[ci] * qdc[b];
-                uint8_t *p = plane_of[b] + base + offset[b];
-                if (j->phase_chroma_slot[b] < 0) {
-                    *p = IDCT_LIMIT[DESCALE((int64_t)dcq, 3) & 1023];
-                } else {
-                    uint8_t px[2][2];
-                    idct2x2_pass2(ws, dcq, px);
-                    ws += 10;
-                    p[0] = px[0][0];
-                    p[1] = px[0][1];
-                    p[pw] = px[1][0];
-                    p[pw + 1] = px[1][1];
-                }
+                /* every block is 1x1 here: 4:2:0's 2x2 chroma goes through render_420 */
+                plane_of[b][base + offset[b]] = IDCT_LIMIT[DESCALE((int64_t)dcq, 3) & 1023];
             }
         }
     }
@@ -1002,7 +1040,7 @@ static void *render_rest_420(void *arg)
 }
 
 /* The 4:2:0 MCUs [from, nmcu) not rendered yet (predictors in `emit`), the second half on a thread. */
-static void render_420(const Jpeg *j, const Emit *emit, int from, int threads)
+static int render_420(const Jpeg *j, const Emit *emit, int from, int threads)
 {
     Rest420 first = {j, *emit, from, j->nmcu}, second = first;
     pthread_t t;
@@ -1021,6 +1059,7 @@ static void render_420(const Jpeg *j, const Emit *emit, int from, int threads)
     }
     render_mcus_420(j, &first.emit, first.m0, first.m1);
     if (split) pthread_join(t, NULL);
+    return first.emit.declined | second.emit.declined;
 }
 
 /* Grayscale and 4:4:4: planes of DC pixels, then colour conversion, by MCU rows on two threads. */
@@ -1069,7 +1108,14 @@ static PyObject *decode_eighth(PyObject *self, PyObject *args)
     }
     Py_ssize_t start = parse_headers(j, d, n);
     if (start < 0 || plan_layout(j) != 0) goto unsupported;
-    for (int c = 0; c < j->ncomp; c++) acc_factors(j->qt[j->comp[c].tq], j->kq[c]);
+    if ((int64_t)j->width * j->height > MAX_PIXELS) goto unsupported; /* callers check far lower limits first */
+    for (int c = 0; c < j->ncomp; c++) {
+        acc_factors(j->qt[j->comp[c].tq], j->kq[c], j->qz[c]);
+        int qmax = 0; /* over the coefficients the 2x2 IDCT reads */
+        for (int k = 1; k < 64; k++)
+            if (ACC_OF_ZIGZAG[k] != 10 && j->qz[c][k] > qmax) qmax = j->qz[c][k];
+        j->check_fast[c] = (int64_t)j->ac[j->comp[c].ta].fast_vmax * qmax > 32767;
+    }
     int out_w = (j->width + 7) / 8, out_h = (j->height + 7) / 8;
     pixels = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)out_w * out_h * j->ncomp);
     if (!pixels) goto fail;
@@ -1083,7 +1129,7 @@ static PyObject *decode_eighth(PyObject *self, PyObject *args)
         Emit emit = {(uint8_t *)PyBytes_AS_STRING(pixels), out_w, out_h, {0, 0, 0}};
         int rendered = 0;
         rc = (j->dcdiff && j->ws) ? decode_all(j, threads, j->chroma2x2 ? &emit : NULL, &rendered) : -1;
-        if (rc == 0 && j->chroma2x2) render_420(j, &emit, rendered, threads);
+        if (rc == 0 && j->chroma2x2) rc = (render_420(j, &emit, rendered, threads) || emit.declined) ? -1 : 0;
         else if (rc == 0) rc = render(j, (uint8_t *)PyBytes_AS_STRING(pixels), out_w, out_h, threads);
     }
     Py_END_ALLOW_THREADS

@@ -143,6 +143,29 @@ def test_damaged_bitstreams_give_pillows_result_whatever_it_is(monkeypatch, phon
             np.testing.assert_array_equal(load_image(bytes(data), draft_size=DRAFT), expected)
 
 
+def test_bytes_damaged_anywhere_never_crash_and_still_match_pillow(monkeypatch, phone_photo):
+    """Sellers' uploads are untrusted: damage the headers, tables and markers too (0xFF included).
+    Each result must be Pillow's own (same pixels, or the same refusal), and nothing may crash."""
+    clean = bytearray(encode(phone_photo, "JPEG", quality=85, restart_marker_rows=4))
+    rng = np.random.default_rng(11)
+    header_end = clean.index(b"\xff\xda") + 12  # through the start of scan
+    for trial in range(40):
+        data = bytearray(clean)
+        where = (0, header_end) if trial % 2 else (header_end, len(data))
+        for offset in rng.integers(where[0] + 2, where[1], size=int(rng.integers(1, 4))):
+            data[offset] = int(rng.integers(0, 256))
+        for threads in (1, 2):
+            assert _fastjpeg._jpeg8.decode_eighth(bytes(data), threads) is None or True  # must not crash
+        try:
+            expected = pillow_only(monkeypatch, bytes(data))
+        except InvalidImageError as exc:
+            with pytest.raises(InvalidImageError) as caught:
+                load_image(bytes(data), draft_size=DRAFT)
+            assert caught.value.code == exc.code
+        else:
+            np.testing.assert_array_equal(load_image(bytes(data), draft_size=DRAFT), expected)
+
+
 def test_the_switch_turns_the_accelerator_off(monkeypatch):
     monkeypatch.setenv(_fastjpeg.ENV_SWITCH, "0")
     assert not _fastjpeg.available()
