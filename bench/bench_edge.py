@@ -132,7 +132,7 @@ def main() -> int:
     parser.add_argument("--public-key", type=Path, default=ROOT / "demo-output" / "keys" / "publisher.pub")
     parser.add_argument("--photos", type=int, default=12, help="photos of each size")
     parser.add_argument("--cold-runs", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=8, help="warm passes over the photos (p99 needs ~100 samples)")
+    parser.add_argument("--repeats", type=int, default=30, help="warm passes over the photos (360 samples: a p99 that is not just the maximum)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
