@@ -921,9 +921,16 @@ static int decode_all(Jpeg *j, int threads, Emit *early, int *rendered)
     int rc = 0;
     uint64_t pos = decode_mcus(j, 0, j->nmcu, 0, &sp, &sync_block, &sync_rec);
     if (pos != BAD && sync_block != SIZE_MAX) {
-        if (early) { /* its predictors are known up to here: use the wait */
-            *rendered = (int)(sync_block / j->bpm);
-            render_mcus_420(j, early, 0, *rendered);
+        if (early) {
+            /* The predictors are known up to here: render while the other thread still decodes,
+             * a few rows at a time, and stop as soon as it is done (the rest renders on both). */
+            int sync_mcu = (int)(sync_block / j->bpm), m = 0;
+            while (m < sync_mcu && !atomic_load_explicit(&sp.done, memory_order_acquire)) {
+                int end = m + 4 * j->mcux < sync_mcu ? m + 4 * j->mcux : sync_mcu;
+                render_mcus_420(j, early, m, end);
+                m = end;
+            }
+            *rendered = m;
         }
         pthread_join(t, NULL);
         size_t need = total - sync_block;
