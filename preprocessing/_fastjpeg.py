@@ -28,9 +28,12 @@ def available() -> bool:
     return _jpeg8 is not None and os.environ.get(ENV_SWITCH, "1") != "0"
 
 
+_CORES = os.cpu_count() or 1
+
+
 def default_threads() -> int:
     """Two threads where there are two cores, else one."""
-    return 2 if (os.cpu_count() or 1) >= 2 else 1
+    return 2 if _CORES >= 2 else 1
 
 
 def decode_draft(data: bytes, image: Image.Image, threads: int | None = None) -> Image.Image | None:
