@@ -7,8 +7,8 @@
  * splits it across two threads:
  *
  *   - with restart markers (DRI), each thread takes whole restart intervals;
- *   - without them, the second thread starts decoding at the middle of the bitstream with a guessed
- *     state, and records where each block it decoded began. Huffman codes resynchronise: the first
+ *   - without them, the second thread starts decoding just past the middle of the bitstream with a
+ *     guessed state, and records where each block it decoded began. Huffman codes resynchronise: the first
  *     thread, decoding from the start, soon reaches a block start that the second thread recorded
  *     with the same bit position and block phase. From that point the two decodes are the same
  *     (decoding is deterministic from there), so the first thread stops and takes the second
@@ -20,7 +20,10 @@
  * (jidctred.c's 1x1 and 2x2 IDCTs, jdcolor.c's tables), so the pixels equal what Pillow's
  * `draft()` decode gives; tests compare them on real photos. Anything this decoder does not handle
  * exactly (progressive or arithmetic coding, 12-bit, CMYK, Adobe/RGB colour, 4:2:2, multiple scans,
- * damaged data) returns None, and the caller decodes with Pillow as before.
+ * 16-bit quantisation tables, damaged data, values outside the ranges where libjpeg-turbo's SIMD and
+ * C code agree) returns None, and the caller decodes with Pillow as before. 4:2:0 MCUs are rendered
+ * straight to RGB, on both threads once the decode is done, and by the first thread early while the
+ * second one is still decoding.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
