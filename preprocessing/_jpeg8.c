@@ -49,7 +49,7 @@ typedef struct {
     int32_t valoffset[18];
     uint8_t huffval[256];
     uint8_t counts[16];
-    uint32_t lut[1 << 11];  /* AC only: see build_ac_lookup */
+    uint32_t lut[1 << 11];  /* AC: see build_ac_lookup; DC: see build_dc_lookup */
     uint32_t pair[1 << 11]; /* AC only: see build_pair_lookup */
     int fast_vmax;          /* AC only: the largest |value| a one-lookup entry of `lut` yields */
     int defined;
@@ -121,6 +121,7 @@ static void init_tables(void)
 /* ---- Huffman tables ------------------------------------------------------------------------ */
 
 static void build_ac_lookup(Huff *h, const uint8_t *counts, uint32_t *lut);
+static void build_dc_lookup(const Huff *h, const uint8_t *counts, uint32_t *lut);
 static void build_pair_lookup(const uint32_t *lut, uint32_t *pair);
 
 static int build_huff(Huff *h, const uint8_t *counts, const uint8_t *vals, int nvals, int is_dc)
@@ -169,7 +170,9 @@ static int build_huff(Huff *h, const uint8_t *counts, const uint8_t *vals, int n
         for (int i = 0; i < (1 << (FAST_BITS - size)); i++)
             h->fast[base + i] = (uint16_t)((size << 8) | vals[p]);
     }
-    if (!is_dc) {
+    if (is_dc) {
+        build_dc_lookup(h, counts, h->lut);
+    } else {
         build_ac_lookup(h, counts, h->lut);
         build_pair_lookup(h->lut, h->pair);
     }
@@ -235,6 +238,25 @@ static void build_ac_lookup(Huff *h, const uint8_t *counts, uint32_t *lut)
                     int base = ((code << s) | extra) << (AC_BITS - len - s);
                     for (int k = 0; k < (1 << (AC_BITS - len - s)); k++) lut[base + k] = e;
                 }
+            }
+        }
+}
+
+/* DC differences whose code and extra bits fit in AC_BITS decode with one lookup: bits 0-4 length
+ * (never 0 for an entry), bits 16-31 the difference. */
+static void build_dc_lookup(const Huff *h, const uint8_t *counts, uint32_t *lut)
+{
+    memset(lut, 0, sizeof(uint32_t) << AC_BITS);
+    int code = 0, p = 0;
+    for (int len = 1; len <= 16; len++, code <<= 1)
+        for (int i = 0; i < counts[len - 1]; i++, code++, p++) {
+            int s = h->huffval[p];
+            if (len + s > AC_BITS) continue;
+            for (int extra = 0; extra < (1 << s); extra++) {
+                int value = s ? extend((uint32_t)extra, s) : 0;
+                uint32_t e = (uint32_t)(len + s) | ((uint32_t)(uint16_t)value << 16);
+                int base = ((code << s) | extra) << (AC_BITS - len - s);
+                for (int k = 0; k < (1 << (AC_BITS - len - s)); k++) lut[base + k] = e;
             }
         }
 }
@@ -322,18 +344,24 @@ static inline __attribute__((always_inline)) uint64_t
 decode_block(const uint8_t *buf, uint64_t pos, const Huff *dc, const Huff *ac, const uint32_t *lut,
              int *dcdiff, int64_t *acc, const int64_t *kq, const int32_t *qz, int check_fast)
 {
-    int len;
+    int len, s;
     uint64_t w = peek64(buf, pos);
-    int used;
-    int s = huff_decode(dc, w, &len);
-    if (s < 0 || s > 15) return BAD;
-    w <<= len;
-    used = len;
-    int diff = 0;
-    if (s) {
-        diff = extend((uint32_t)(w >> (64 - s)), s);
-        w <<= s;
-        used += s;
+    int used, diff = 0;
+    uint32_t de = dc->lut[w >> (64 - AC_BITS)];
+    if (de) { /* the usual case: code and difference in one lookup */
+        used = de & 31;
+        w <<= used;
+        diff = (int16_t)(de >> 16);
+    } else {
+        s = huff_decode(dc, w, &len);
+        if (s < 0 || s > 15) return BAD;
+        w <<= len;
+        used = len;
+        if (s) {
+            diff = extend((uint32_t)(w >> (64 - s)), s);
+            w <<= s;
+            used += s;
+        }
     }
     *dcdiff = diff;
     uint32_t declined = 0; /* a dequantised chroma coefficient outside 16 bits (see PASS1_SAFE) */
