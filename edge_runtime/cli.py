@@ -35,6 +35,8 @@ SERVER_ENV = "EDGE_CLASSIFY_SERVER"
 TOKEN_ENV = "EDGE_CLASSIFY_TOKEN"
 #: Up to this many photo files (no folders), decoding starts before the model is loaded.
 EARLY_PHOTOS = 2
+#: ... and only for model inputs up to this size (the spec is read before its signature is checked).
+EARLY_MAX_INPUT_PIXELS = 1024 * 1024
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -159,7 +161,9 @@ def _early_start(raw_paths: list[str], options: ClassifierOptions, *, keep_bytes
     except EdgeRuntimeError:
         return None  # `Classifier.create_from_options` reports it
     spec = peek_spec(bundle)
-    return EarlyStart(raw_paths, spec, keep_bytes=keep_bytes) if spec is not None else None
+    if spec is None or spec.height * spec.width > EARLY_MAX_INPUT_PIXELS:
+        return None  # an unverified manifest must not make us allocate much before it is checked
+    return EarlyStart(raw_paths, spec, keep_bytes=keep_bytes)
 
 
 def _expand(paths: list[str]) -> Iterator[str]:

@@ -487,3 +487,22 @@ def test_a_classifying_process_keeps_freed_memory_for_the_next_photo():
 
     assert keep_freed_memory() is True
     assert keep_freed_memory() is True  # idempotent
+
+
+def test_a_tampered_manifest_cannot_make_the_early_decode_allocate_much(int8_bundle, tmp_path):
+    # The early decode reads the spec before the signature is checked: a huge input size in an altered
+    # manifest must not make it prepare an 8192x8192 tensor first.
+    from edge_runtime.classifier import ClassifierOptions
+    from edge_runtime.cli import _early_start
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(int8_bundle, tampered)
+    manifest = json.loads((tampered / "manifest.json").read_text())
+    manifest["preprocess_spec"].update(height=8192, width=8192)
+    (tampered / "manifest.json").write_text(json.dumps(manifest))
+    photo = str(real_photo_path("rocket.jpg"))
+    options = ClassifierOptions(model=tampered, public_key=tmp_path / "any.pub")
+    assert _early_start([photo], options, keep_bytes=False) is None
+    honest = _early_start([photo], ClassifierOptions(model=int8_bundle, public_key=tmp_path / "any.pub"), keep_bytes=False)
+    assert honest is not None
+    honest.close()
