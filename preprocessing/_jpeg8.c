@@ -556,6 +556,9 @@ static pthread_mutex_t POOL_LOCK = PTHREAD_MUTEX_INITIALIZER;
 static void *POOL_PTR[POOL_KINDS];
 static size_t POOL_SIZE[POOL_KINDS];
 
+/* A child forked while another thread held the lock would wait on it forever. */
+static void pool_after_fork_in_child(void) { pthread_mutex_init(&POOL_LOCK, NULL); }
+
 static void *pool_get(int kind, size_t size)
 {
     void *p = NULL;
@@ -1199,5 +1202,6 @@ PyMODINIT_FUNC PyInit__jpeg8(void)
 {
     init_tables();
     init_acc_tables();
+    pthread_atfork(NULL, NULL, pool_after_fork_in_child);
     return PyModule_Create(&module);
 }

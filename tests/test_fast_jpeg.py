@@ -180,3 +180,32 @@ def test_bytes_damaged_anywhere_never_crash_and_still_match_pillow(monkeypatch, 
 def test_the_switch_turns_the_accelerator_off(monkeypatch):
     monkeypatch.setenv(_fastjpeg.ENV_SWITCH, "0")
     assert not _fastjpeg.available()
+
+
+def test_a_process_forked_while_another_thread_decodes_can_still_decode(phone_photo):
+    # The decoder's buffer pool has a lock; a child forked while another thread held it must not hang.
+    import os
+    import threading
+    import warnings
+
+    data = encode(phone_photo, "JPEG", quality=90)
+    stop = threading.Event()
+
+    def keep_decoding() -> None:
+        while not stop.is_set():
+            _fastjpeg._jpeg8.decode_eighth(data, 2)
+
+    worker = threading.Thread(target=keep_decoding)
+    worker.start()
+    try:
+        for _ in range(8):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (Python 3.12+)
+                pid = os.fork()
+            if pid == 0:  # the child: decode once, report by exit status
+                os._exit(0 if _fastjpeg._jpeg8.decode_eighth(data, 2) is not None else 3)
+            _, status = os.waitpid(pid, 0)
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        stop.set()
+        worker.join()
