@@ -48,7 +48,6 @@ typedef struct {
     int32_t maxcode[18];
     int32_t valoffset[18];
     uint8_t huffval[256];
-    uint8_t counts[16];
     uint32_t lut[1 << 11];  /* AC: see build_ac_lookup; DC: see build_dc_lookup */
     uint32_t pair[1 << 11]; /* AC only: see build_pair_lookup */
     int fast_vmax;          /* AC only: the largest |value| a one-lookup entry of `lut` yields */
@@ -148,7 +147,6 @@ static int build_huff(Huff *h, const uint8_t *counts, const uint8_t *vals, int n
     }
     memset(h, 0, sizeof *h);
     memcpy(h->huffval, vals, (size_t)nvals);
-    memcpy(h->counts, counts, 16);
     if (is_dc)
         for (int i = 0; i < nvals; i++)
             if (vals[i] > 15) return -1;
