@@ -118,17 +118,19 @@ def make_interpreter(
     else:
         kwargs["model_path"] = model_path
     if gpu_delegate_path:
+        stage = "could not be loaded"
         try:
             if backend.load_delegate is None:
                 raise ValueError(f"{backend.name} cannot load delegates")
             with _quiet_native_log():
                 delegate = backend.load_delegate(gpu_delegate_path)
+                stage = "rejected the model"
                 interpreter = backend.interpreter_class(experimental_delegates=[delegate], **kwargs)
                 interpreter.allocate_tensors()
             return interpreter, "gpu"
         except Exception as exc:  # the delegate library raises many kinds  # noqa: BLE001
             warnings.warn(
-                f"GPU delegate unavailable ({_one_line(exc)}); running on the CPU",
+                f"GPU delegate unavailable: {gpu_delegate_path} {stage} ({_one_line(exc)}); running on the CPU",
                 RuntimeWarning,
                 stacklevel=2,
             )

@@ -446,6 +446,33 @@ def test_a_missing_gpu_delegate_falls_back_to_the_cpu_with_one_warning(device, i
     assert code == 0 and json_lines(out)[0]["label"]
     warnings = [line for line in err.splitlines() if "warning:" in line]
     assert len(warnings) == 1 and "GPU delegate unavailable" in warnings[0] and "running on the CPU" in warnings[0]
+    assert "could not be loaded" in warnings[0]
+    assert '"delegate": "cpu"' in err
+
+
+@pytest.fixture(scope="module")
+def rejecting_delegate(tmp_path_factory) -> Path:
+    """A real delegate library, built from tests/rejecting_delegate.c, that loads and then refuses the
+    model the way the GPU delegate refuses ops it cannot run."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler to build the stand-in delegate")
+    library = tmp_path_factory.mktemp("delegate") / "librejecting_delegate.so"
+    source = Path(__file__).with_name("rejecting_delegate.c")
+    subprocess.run([compiler, "-shared", "-fPIC", "-O1", "-o", str(library), str(source)], check=True)
+    return library
+
+
+def test_a_gpu_delegate_that_rejects_the_model_falls_back_to_the_cpu(device, int8_bundle, rejecting_delegate,
+                                                                    capsys):
+    code, out, err = run(capsys, real_photo_path("rocket.jpg"), "--model", int8_bundle, "--delegate", "gpu",
+                         "--gpu-delegate", rejecting_delegate, "--json", "--verbose")
+    assert code == 0
+    answer = json_lines(out)[0]
+    assert answer["error"] is None and answer["source"] == "edge" and answer["label"]
+    warnings = [line for line in err.splitlines() if "warning:" in line]
+    assert len(warnings) == 1 and "GPU delegate unavailable" in warnings[0] and "running on the CPU" in warnings[0]
+    assert "rejected the model" in warnings[0]
     assert '"delegate": "cpu"' in err
 
 
