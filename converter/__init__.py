@@ -12,8 +12,9 @@ TensorFlow when they are first used.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from preprocessing._lazy import lazy_exports
 
 if TYPE_CHECKING:  # pragma: no cover
     from .bundle import MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE, Bundle, read_bundle, write_bundle
@@ -69,20 +70,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "smoke": ("run_smoke_test",),
     "lite_model": ("LiteClassifier",),
 }
-_SOURCES: dict[str, str] = {name: module for module, names in _EXPORTS.items() for name in names}
-
-
-def __getattr__(name: str) -> Any:
-    source = _SOURCES.get(name)
-    if source is None:
-        raise AttributeError(f"module 'converter' has no attribute {name!r}")
-    value = getattr(import_module(f".{source}", __name__), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_SOURCES))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 
 
 __all__ = [

@@ -10,8 +10,9 @@ Pillow import, which a cold `edge-classify` uses to start decoding a photo soone
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_exports
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._decode import DEFAULT_LIMITS, DecodeLimits, ImageSource, load_image, read_source
@@ -21,44 +22,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._sniff import ACCEPTED_FORMATS, sniff_format
     from ._spec import DTYPES, FIT_POLICIES, RESIZE_FILTERS, PreprocessSpec
 
-# Public name -> the private module that defines it.
-_SOURCES: dict[str, str] = {
-    "DEFAULT_LIMITS": "_decode",
-    "DecodeLimits": "_decode",
-    "ImageSource": "_decode",
-    "load_image": "_decode",
-    "read_source": "_decode",
-    "ERROR_CODES": "_errors",
-    "InvalidImageError": "_errors",
-    "PreprocessingError": "_errors",
-    "SpecError": "_errors",
-    "DatasetError": "_folders",
-    "LabeledImages": "_folders",
-    "list_images": "_folders",
-    "list_labeled_images": "_folders",
-    "read_labels": "_folders",
-    "prepare": "_prepare",
-    "preprocess": "_prepare",
-    "ACCEPTED_FORMATS": "_sniff",
-    "sniff_format": "_sniff",
-    "DTYPES": "_spec",
-    "FIT_POLICIES": "_spec",
-    "RESIZE_FILTERS": "_spec",
-    "PreprocessSpec": "_spec",
+# Private module -> the public names it defines.
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "_decode": ("DEFAULT_LIMITS", "DecodeLimits", "ImageSource", "load_image", "read_source"),
+    "_errors": ("ERROR_CODES", "InvalidImageError", "PreprocessingError", "SpecError"),
+    "_folders": ("DatasetError", "LabeledImages", "list_images", "list_labeled_images", "read_labels"),
+    "_prepare": ("prepare", "preprocess"),
+    "_sniff": ("ACCEPTED_FORMATS", "sniff_format"),
+    "_spec": ("DTYPES", "FIT_POLICIES", "RESIZE_FILTERS", "PreprocessSpec"),
 }
-
-
-def __getattr__(name: str) -> Any:
-    source = _SOURCES.get(name)
-    if source is None:
-        raise AttributeError(f"module 'preprocessing' has no attribute {name!r}")
-    value = getattr(import_module(f".{source}", __name__), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_SOURCES))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 
 
 __all__ = [
