@@ -210,22 +210,31 @@ class Devices:
         smoke_test_ok: bool | None,
         message: str | None,
         details: dict[str, Any] | None,
+        idempotency_key: str | None = None,
     ) -> dict[str, Any]:
         """Store the device's report about `version`; may pause a failing rollout.
 
-        An upsert per (device, version), so a resent report changes nothing. `details.rolled_back: true`
-        marks a version the device loaded, then rolled back: it counts as a failure of a rollout.
+        An upsert per (device, version). A resent copy of the report that last changed the row (same
+        idempotency key) changes nothing, not even its time: after a paused rollout is resumed, only
+        reports made since count, and an old failure the outbox sends again is not one of them.
+        `details.rolled_back: true` marks a version the device loaded, then rolled back: it counts as
+        a failure of a rollout.
         """
+        from .telemetry import check_idempotency_key
+
+        key = check_idempotency_key(idempotency_key)
         paused = None
         with self.db.write() as session:
             model = find_model(session, device.model)
             find_version(session, device.model, version)
+            row = session.get(DeviceStatus, (device.id, version))
+            if key is not None and row is not None and row.report_key == key:
+                return {"recorded": True, "duplicate": True, "rollout_paused": None}
             if running:  # only one version runs at a time
                 for other in session.scalars(
                     select(DeviceStatus).where(DeviceStatus.device_id == device.id, DeviceStatus.version != version)
                 ):
                     other.running = False
-            row = session.get(DeviceStatus, (device.id, version))
             if row is None:
                 row = DeviceStatus(device_id=device.id, version=version)
                 session.add(row)
@@ -236,12 +245,13 @@ class Devices:
             row.message = message
             row.details = details
             row.reported_at = utcnow()
+            row.report_key = key
             session.flush()
             channel = session.scalar(select(Device.channel).where(Device.id == device.id)) or device.channel
             paused = self.rollouts.check_failures(session, model, channel, version)
         if paused:
             self.on_change(device.model)
-        return {"recorded": True, "rollout_paused": paused}
+        return {"recorded": True, "duplicate": False, "rollout_paused": paused}
 
     def record_telemetry(self, device: DeviceIdentity, report: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
         """Store one periodic telemetry report, once per idempotency key (see `telemetry.record`)."""

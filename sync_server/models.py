@@ -155,6 +155,8 @@ class DeviceStatus(Base):
     message: Mapped[str | None] = mapped_column(Text, nullable=True)
     details: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     reported_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: The idempotency key of the report that last changed this row: a resent copy changes nothing.
+    report_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class Telemetry(Base):

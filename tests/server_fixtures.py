@@ -221,9 +221,11 @@ class Device:
         assert response.status_code == 200, response.text
         return response.json()["version"]
 
-    def report_status(self, version: int, load_ok: bool = True, smoke_test_ok: bool | None = True, **extra: Any) -> httpx.Response:
+    def report_status(self, version: int, load_ok: bool = True, smoke_test_ok: bool | None = True,
+                      key: str | None = None, **extra: Any) -> httpx.Response:
         body = {"version": version, "load_ok": load_ok, "smoke_test_ok": smoke_test_ok, **extra}
-        return self.server.client.post(f"/v1/devices/{self.id}/status", headers=self.headers, json=body)
+        headers = {**self.headers, **({"Idempotency-Key": key} if key else {})}
+        return self.server.client.post(f"/v1/devices/{self.id}/status", headers=headers, json=body)
 
     def predict(self, photo: bytes, **params: Any) -> httpx.Response:
         return self.server.client.post(

@@ -111,7 +111,7 @@ def test_a_rollout_pauses_itself_when_too_many_devices_fail(db_url, publisher, t
                      json={"version": 2, "percent": 100, "failure_threshold": 0.5, "min_reports": 2})
 
         first = devices[0].report_status(2, load_ok=True, smoke_test_ok=True).json()
-        assert first == {"recorded": True, "rollout_paused": None}
+        assert first == {"recorded": True, "duplicate": False, "rollout_paused": None}
         second = devices[1].report_status(2, load_ok=True, smoke_test_ok=False, message="smoke test: mug -> bottle").json()
         assert second["rollout_paused"] is None, "1 of 2 failed: 50% is not above the threshold"
         third = devices[2].report_status(2, load_ok=False, smoke_test_ok=None, message="interpreter: bad flatbuffer").json()
@@ -123,6 +123,48 @@ def test_a_rollout_pauses_itself_when_too_many_devices_fail(db_url, publisher, t
         metrics = server.client.get("/metrics").text
         assert f'sync_server_rollout_state{{channel="stable",model="{MODEL}",state="paused"}} 1.0' in metrics
         assert f'sync_server_devices_running{{model="{MODEL}",version="2"}} 3.0' in metrics
+
+
+def test_a_resent_failure_report_does_not_pause_a_resumed_rollout_again(db_url, publisher, tmp_path):
+    """The agent's outbox resends a report until it sees the answer; after the operator resumed a paused
+    rollout, such a copy of an old failure must not count as a new one."""
+    with running_server(server_config(tmp_path / "data", db_url, publisher)) as server:
+        server.publish_ok(publisher, 1, 2)
+        server.set_channel(1)
+        devices = [server.enroll() for _ in range(3)]
+        base = f"/v1/models/{MODEL}/channels/stable"
+        server.admin("POST", base + "/rollout",
+                     json={"version": 2, "percent": 100, "failure_threshold": 0.5, "min_reports": 2})
+        assert devices[0].report_status(2, key="ok-0").json()["rollout_paused"] is None
+        failure = dict(load_ok=False, smoke_test_ok=None, message="interpreter: bad flatbuffer", key="fail-1")
+        assert devices[1].report_status(2, **failure).json()["rollout_paused"] is None
+        paused = devices[2].report_status(2, load_ok=False, smoke_test_ok=None, key="fail-2").json()
+        assert paused["rollout_paused"].startswith("paused automatically: 2 of 3 devices failed")
+
+        assert server.admin("POST", base + "/rollout/resume").json()["rollout"]["state"] == "active"
+        assert devices[0].report_status(2, key="ok-0b").json() == {"recorded": True, "duplicate": False,
+                                                                   "rollout_paused": None}
+        for _ in range(2):  # the ACKs were lost: both failure reports arrive again
+            resent = devices[1].report_status(2, **failure).json()
+            assert resent == {"recorded": True, "duplicate": True, "rollout_paused": None}
+            assert devices[2].report_status(2, load_ok=False, smoke_test_ok=None, key="fail-2").json()["duplicate"]
+        assert server.admin("GET", base).json()["rollout"]["state"] == "active", "old failures count once"
+
+        # A new failure, with its own key, is news: 1 of 2 reports since the resume is not above 50%,
+        # a second one is.
+        assert devices[1].report_status(2, **{**failure, "key": "fail-1b"}).json()["rollout_paused"] is None
+        again = devices[2].report_status(2, load_ok=False, smoke_test_ok=None, key="fail-2b").json()
+        assert again["duplicate"] is False and again["rollout_paused"].startswith("paused automatically: 2 of 3")
+
+
+def test_a_status_report_with_an_unusable_idempotency_key_is_refused_by_name(db_url, publisher, tmp_path):
+    with running_server(server_config(tmp_path / "data", db_url, publisher)) as server:
+        server.publish_ok(publisher, 1)
+        server.set_channel(1)
+        device = server.enroll()
+        response = device.report_status(1, key="x" * 65)
+        assert response.status_code == 400 and response.json()["error"]["code"] == "bad_idempotency_key"
+        assert "Idempotency-Key" in response.json()["error"]["message"]
 
 
 def test_a_rollout_pauses_itself_when_devices_roll_the_candidate_back(db_url, publisher, tmp_path):

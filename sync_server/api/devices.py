@@ -88,11 +88,15 @@ def status(
     body: StatusReport,
     device: DeviceIdentity = Depends(auth.device),
     state: Services = Depends(auth.services),
+    idempotency_key: str | None = Header(
+        None, alias="Idempotency-Key", description="1-64 visible ASCII characters; a resent report with it counts once"
+    ),
 ) -> dict:
     """Report a version's load and smoke-test result, or its rollback (`details.rolled_back: true`).
 
-    Failures and rollbacks can pause a rollout. A report is an upsert per (device, version), so an
-    `Idempotency-Key` header is accepted and not needed.
+    Failures and rollbacks can pause a rollout. A report is an upsert per (device, version). Resent
+    with the `Idempotency-Key` of the report that last changed it, it changes nothing and the answer
+    says `duplicate`: an old failure sent again after a paused rollout was resumed does not count anew.
     """
     require_own(device, device_id)
     return state.devices.record_status(
@@ -103,6 +107,7 @@ def status(
         smoke_test_ok=body.smoke_test_ok,
         message=body.message,
         details=body.details,
+        idempotency_key=idempotency_key,
     )
 
 
