@@ -154,8 +154,10 @@ def _signing_key(options: ConvertOptions) -> Ed25519PrivateKey | None:
 
 
 def _source_record(source: SavedModelClassifier) -> dict[str, object]:
+    # The folder's name only: the bundle travels to devices, and the build machine's paths are nobody's
+    # business there. The fingerprint is what identifies the SavedModel.
     return {
-        "saved_model": str(source.path.resolve()),
+        "saved_model": source.path.resolve().name,
         "signature": "serving_default",
         "input": source.input_name,
         "output": source.output_name,

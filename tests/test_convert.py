@@ -74,6 +74,8 @@ def test_every_mode_makes_a_bundle_a_device_trusts(results, keys, mode, tiny_sav
     )
     assert manifest.source["fingerprint"]["files_sha256"]
     assert manifest.source["fingerprint"]["singleprint"]
+    assert manifest.source["saved_model"] == tiny_saved_model.name, "no build-machine path in a shipped bundle"
+    assert str(tiny_saved_model.parent) not in (result.bundle / "manifest.json").read_text()
     assert manifest.validation == result.validation
     assert manifest.signing["key_id"] == bundle.key_id
 
