@@ -125,6 +125,97 @@ def test_a_folder_with_good_and_bad_photos_reports_each_and_exits_1(device, int8
     assert [Path(r["path"]).name for r in json_lines(out)] == sorted(results)  # input order
 
 
+@pytest.fixture(scope="module")
+def many_photos(tmp_path_factory, demo_dataset) -> Path:
+    """A long run: 24 good photos, with a cut-off one in the middle."""
+    folder = tmp_path_factory.mktemp("many")
+    for i, path in enumerate(sorted((demo_dataset / "test").rglob("*.jpg"))[:24]):
+        shutil.copy(path, folder / f"photo_{i:02d}.jpg")
+    data = (folder / "photo_05.jpg").read_bytes()
+    (folder / "photo_05.jpg").write_bytes(data[: len(data) // 3])
+    return folder
+
+
+def test_a_folder_is_prepared_on_workers_and_run_in_batches_with_the_same_answers(int8_bundle, publisher,
+                                                                                  many_photos, monkeypatch):
+    from edge_runtime.classifier import Classifier, ClassifierOptions
+    from edge_runtime.pipeline import PipelineOptions, classify_paths
+
+    paths = sorted(many_photos.iterdir())
+    with Classifier.create_from_options(ClassifierOptions(model=int8_bundle, public_key=publisher[1])) as classifier:
+        assert classifier.max_batch > 1, "the demo model takes a variable batch"
+        one_by_one = {}
+        for path in paths:
+            if path.name != "photo_05.jpg":
+                one_by_one[str(path)] = classifier.classify(path)[0]
+
+        batches, threads = [], set()
+        run_batch, prepare = classifier.run_batch, classifier.prepare
+
+        def spy_run_batch(batch):
+            batches.append(len(batch))
+            return run_batch(batch)
+
+        import edge_runtime.pipeline as pipeline
+
+        load = pipeline._load
+
+        def spy_load(*args, **kwargs):
+            threads.add(threading.current_thread().name)
+            return load(*args, **kwargs)
+
+        monkeypatch.setattr(classifier, "run_batch", spy_run_batch)
+        monkeypatch.setattr(pipeline, "_load", spy_load)
+        results = list(classify_paths(paths, classifier, PipelineOptions(workers=2, fallback="never")))
+
+    assert [r.path for r in results] == [str(p) for p in paths], "answers come back in input order"
+    assert max(batches) > 1 and sum(batches) == len(paths) - 1, batches
+    assert threads and all(name.startswith("edge-decode") for name in threads), "decoded off the main thread"
+    for result in results:
+        if result.path.endswith("photo_05.jpg"):
+            assert result.error["code"] == "truncated" and result.categories == ()
+        else:
+            assert result.error is None
+            assert [c.label for c in result.categories] == [c.label for c in one_by_one[result.path]]
+            for got, alone in zip(result.categories, one_by_one[result.path]):
+                assert got.score == pytest.approx(alone.score, abs=1e-6), "a batch answers like single photos"
+
+
+def _run_in_a_terminal(args: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run `edge-classify` with its stderr on a pseudo-terminal; returns the exit status and what it showed."""
+    import os
+    import pty
+
+    leader, follower = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", *args], stdout=subprocess.DEVNULL,
+                               stderr=follower, env=env)
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closed: the process is gone
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+    return process.wait(timeout=60), shown.decode(errors="replace")
+
+
+def test_a_long_run_on_a_terminal_shows_progress_and_a_pipe_gets_none(device, int8_bundle, many_photos):
+    import os
+
+    env = {**os.environ, "EDGE_CLASSIFY_HOME": str(device), "EDGE_CLASSIFY_PUBLIC_KEY": str(device / "trusted.pub")}
+    args = [str(many_photos), "--model", str(int8_bundle), "--fallback", "never"]
+    code, shown = _run_in_a_terminal(args, env)
+    assert code == 1, shown  # the cut-off photo
+    assert "\r10/24 photos" in shown and "\r24/24 photos" in shown, shown
+
+    piped = subprocess.run([sys.executable, "-m", "edge_runtime.cli", *args], capture_output=True, env=env, text=True)
+    assert piped.returncode == 1 and "photos" not in piped.stderr and len(piped.stdout.splitlines()) == 24
+
+
 def test_a_missing_photo_is_a_bad_input_not_a_crash(device, int8_bundle, tmp_path, capsys):
     code, out, _ = run(capsys, tmp_path / "nope.jpg", "--model", int8_bundle)
     assert code == 1
@@ -474,6 +565,39 @@ def test_a_gpu_delegate_that_rejects_the_model_falls_back_to_the_cpu(device, int
     assert len(warnings) == 1 and "GPU delegate unavailable" in warnings[0] and "running on the CPU" in warnings[0]
     assert "rejected the model" in warnings[0]
     assert '"delegate": "cpu"' in err
+
+
+@pytest.fixture(scope="module")
+def float16_bundle(tiny_saved_model, publisher, tmp_path_factory):
+    """The tiny demo model as a float16 bundle: the GPU delegate's format."""
+    from converter.options import ConvertOptions, QuantizationOptions, SigningOptions, ValidationOptions
+    from converter.pipeline import convert
+
+    out = tmp_path_factory.mktemp("bundles") / "float16"
+    convert(tiny_saved_model, ConvertOptions(out=out, name="shop", version=2, target="gpu",
+                                             quantization=QuantizationOptions(mode="float16"),
+                                             validation=ValidationOptions(skip=True),
+                                             signing=SigningOptions(key=publisher[0])))
+    return out
+
+
+def test_auto_tries_the_gpu_only_for_a_float16_bundle(device, int8_bundle, float16_bundle, rejecting_delegate,
+                                                      capsys, monkeypatch):
+    monkeypatch.setenv("EDGE_CLASSIFY_GPU_DELEGATE", str(rejecting_delegate))
+    photo = real_photo_path("rocket.jpg")
+    code, out, err = run(capsys, photo, "--model", int8_bundle, "--json", "--verbose")
+    assert code == 0 and json_lines(out)[0]["label"]
+    assert "warning:" not in err and '"delegate": "cpu"' in err, "an int8 bundle never tries the GPU"
+
+    code, out, err = run(capsys, photo, "--model", float16_bundle, "--json", "--verbose")
+    assert code == 0 and json_lines(out)[0]["label"]
+    warnings = [line for line in err.splitlines() if "warning:" in line]
+    assert len(warnings) == 1 and "rejected the model" in warnings[0], err
+    assert '"delegate": "cpu"' in err
+
+    monkeypatch.delenv("EDGE_CLASSIFY_GPU_DELEGATE")
+    code, _, err = run(capsys, photo, "--model", float16_bundle, "--json")
+    assert code == 0 and "warning:" not in err, "auto without a library stays quietly on the CPU"
 
 
 def test_the_gpu_without_a_library_says_how_to_give_one(device, int8_bundle, capsys, monkeypatch):
