@@ -203,6 +203,7 @@ class Classifier:
             "quantization": self.bundle.quantization,
             "backend": self.backend.describe(),
             "delegate": self.delegate,
+            "threads": self.options.threads,
             "input": {"shape": [self.spec.height, self.spec.width, 3], "dtype": self.spec.dtype},
             "threshold": self.threshold,
         }

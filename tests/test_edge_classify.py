@@ -231,6 +231,18 @@ def test_usage_errors_exit_2_with_one_line(device, capsys):
     assert code == 2 and "invalid choice" in err
 
 
+def test_threads_reach_the_interpreter_and_do_not_change_the_answer(device, int8_bundle, capsys):
+    answers = []
+    for threads in ("1", "3"):
+        code, out, err = run(capsys, real_photo_path("rocket.jpg"), "--model", int8_bundle, "--threads", threads,
+                             "--json", "--verbose")
+        assert code == 0 and f'"threads": {threads}' in err
+        answers.append(json_lines(out)[0]["top_k"])
+    assert answers[0] == answers[1]
+    code, _, err = run(capsys, real_photo_path("rocket.jpg"), "--threads", "0")
+    assert code == 2 and "threads must be at least 1" in err
+
+
 def test_no_model_anywhere_says_how_to_get_one(device, capsys):
     code, _, err = run(capsys, real_photo_path("rocket.jpg"))
     assert code == 2
