@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from .db import Database, as_utc, bump_revision, iso
 from .errors import AuthenticationError, NotFoundError, PermissionDeniedError
 from .models import Channel, Device, DeviceStatus, Model, utcnow
-from .registry import files_view, find_model, find_version
+from .registry import files_view, find_model, find_version, require_version
 from .rollout import DEFAULT_CHANNEL, Rollouts, assigned_version, check_channel_name
 
 TOKEN_PREFIX = "dt_"
@@ -79,6 +79,19 @@ def _assignment(device: DeviceIdentity, channel_name: str, channel: ChannelState
     return Assignment(device.id, device.model, channel_name, version, in_rollout, etag)
 
 
+@dataclass
+class _Roster:
+    """Every device of one model (channel, revoked) and its channels, read in one go for one generation
+    of the caches: when a change wakes a thousand push streams, one thread reads them and the others
+    wait for it instead of each asking the database."""
+
+    generation: int
+    expires: float
+    ready: threading.Event
+    devices: dict[str, tuple[str, bool]] | None = None
+    channels: dict[str, ChannelState] | None = None
+
+
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
@@ -96,6 +109,7 @@ class Devices:
         self._identities: dict[str, tuple[float, DeviceIdentity]] = {}
         self._channels: dict[tuple[int, str], tuple[float, ChannelState | None]] = {}
         self._views: dict[tuple[str, int], dict[str, Any]] = {}
+        self._rosters: dict[int, _Roster] = {}
 
     # --- enrolment and authentication -----------------------------------------------------------
 
@@ -150,6 +164,7 @@ class Devices:
             self._generation += 1
             self._identities.clear()
             self._channels.clear()
+            self._rosters.clear()
 
     # --- assignment -----------------------------------------------------------------------------
 
@@ -161,7 +176,64 @@ class Devices:
         return _assignment(device, device.channel, entry[1])
 
     def assignment(self, device: DeviceIdentity) -> Assignment:
-        """Which version `device` should run; cheap (no manifest), so ETag checks stay fast."""
+        """Which version `device` should run, read afresh (the device may have moved channel or been
+        revoked); cheap (no manifest), so ETag checks stay fast. Devices of the same model share one
+        read of their model's devices and channels (see `_Roster`)."""
+        roster = self._roster(device.model_id)
+        found = self._from_roster(device, roster) if roster is not None else None
+        return found if found is not None else self._read_assignment(device)
+
+    def pushed_assignment(self, device: DeviceIdentity) -> Assignment | None:
+        """`assignment` from a roster already read for the current generation, or None (no I/O, no
+        waiting): what a woken push stream tries before it takes a worker thread."""
+        with self._lock:
+            roster = self._rosters.get(device.model_id)
+            usable = (roster is not None and roster.ready.is_set() and roster.generation == self._generation
+                      and roster.expires >= time.monotonic() and roster.devices is not None)
+        return self._from_roster(device, roster) if usable else None
+
+    def _roster(self, model_id: int) -> _Roster | None:
+        with self._lock:
+            generation = self._generation
+            roster = self._rosters.get(model_id)
+            leader = roster is None or roster.generation != generation or roster.expires < time.monotonic()
+            if leader:
+                roster = _Roster(generation, time.monotonic() + _CACHE_TTL_S, threading.Event())
+                self._rosters[model_id] = roster
+        assert roster is not None
+        if leader:
+            try:
+                roster.devices, roster.channels = self._read_roster(model_id)
+            finally:
+                roster.ready.set()  # on an error, devices stays None: everyone reads their own
+        elif not roster.ready.wait(timeout=30.0):
+            return None
+        return roster if roster.devices is not None else None
+
+    def _read_roster(self, model_id: int) -> tuple[dict[str, tuple[str, bool]], dict[str, ChannelState]]:
+        with self.db.read() as session:
+            rows = session.execute(
+                select(Device.id, Device.channel, Device.revoked).where(Device.model_id == model_id)
+            ).all()
+            channels = session.scalars(select(Channel).where(Channel.model_id == model_id)).all()
+            states = {c.name: ChannelState.of(c) for c in channels}
+        return {row.id: (row.channel, bool(row.revoked)) for row in rows}, states  # type: ignore[return-value]
+
+    def _from_roster(self, device: DeviceIdentity, roster: _Roster) -> Assignment | None:
+        assert roster.devices is not None and roster.channels is not None
+        entry = roster.devices.get(device.id)
+        if entry is None:  # enrolled after the roster was read
+            return None
+        channel, revoked = entry
+        if revoked:
+            raise AuthenticationError(f"device {device.id} is no longer enrolled", code="revoked_token")
+        state = roster.channels.get(channel)
+        with self._lock:
+            if roster.generation == self._generation and channel == device.channel:
+                self._channels[(device.model_id, channel)] = (roster.expires, state)
+        return _assignment(device, channel, state)
+
+    def _read_assignment(self, device: DeviceIdentity) -> Assignment:
         generation = self._generation
         with self.db.read() as session:
             current = session.execute(
@@ -175,6 +247,12 @@ class Devices:
             if generation == self._generation and current.channel == device.channel:
                 self._channels[(device.model_id, current.channel)] = (time.monotonic() + _CACHE_TTL_S, state)
         return _assignment(device, current.channel, state)
+
+    def cached_view(self, assignment: Assignment) -> dict[str, Any] | None:
+        """`assignment_view` when it needs no I/O (the version's manifest was read before), else None."""
+        if assignment.version is not None and (assignment.model, assignment.version) not in self._views:
+            return None
+        return self.assignment_view(assignment)
 
     def assignment_view(self, assignment: Assignment) -> dict[str, Any]:
         """The assignment with the version's manifest and its content-addressed file URLs."""
@@ -226,7 +304,7 @@ class Devices:
         paused = None
         with self.db.write() as session:
             model = find_model(session, device.model)
-            find_version(session, device.model, version)
+            require_version(session, model, version)
             row = session.get(DeviceStatus, (device.id, version))
             if key is not None and row is not None and row.report_key == key:
                 return {"recorded": True, "duplicate": True, "rollout_paused": None}

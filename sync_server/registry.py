@@ -200,6 +200,16 @@ def find_version(session: Session, name: str, version: int) -> ModelVersion:
     return row
 
 
+def require_version(session: Session, model: Model, version: int) -> None:
+    """Raise NotFoundError unless `model` has `version`; reads only its id (a device's report names a
+    version, and a thousand reports should not each parse its manifest)."""
+    found = session.scalar(
+        select(ModelVersion.id).where(ModelVersion.model_id == model.id, ModelVersion.version == version)
+    )
+    if found is None:
+        find_version(session, model.name, version)  # raises, listing the published versions
+
+
 def files_view(row: ModelVersion) -> dict[str, dict[str, Any]]:
     return {f.name: {"sha256": f.sha256, "size": f.size, "url": ARTIFACTS_URL + f.sha256} for f in row.files}
 

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from .db import Database
 from .errors import BadRequestError
 from .models import Device, Telemetry
-from .registry import find_model, find_version
+from .registry import find_model, require_version
 
 #: What an idempotency key may be: 1 to 64 visible ASCII characters (a UUID is fine).
 KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,64}$")
@@ -44,7 +44,7 @@ def record(db: Database, device_id: str, model: str, report: dict[str, Any], ide
     key = check_idempotency_key(idempotency_key)
     try:
         with db.write() as session:
-            find_version(session, model, report["version"])
+            require_version(session, find_model(session, model), report["version"])
             if key is not None and _seen(session, device_id, key):
                 return {"recorded": True, "duplicate": True}
             session.add(_row(device_id, report, key))

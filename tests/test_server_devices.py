@@ -269,3 +269,57 @@ def test_devices_are_told_at_once_when_their_assignment_changes(db_url, publishe
 
         # Polling with the last event's id (the ETag) is the fallback: nothing changed since.
         assert device.assignment(etag=fourth["id"]).status_code == 304
+
+
+def test_after_a_change_one_read_answers_every_device_of_the_model(db_url, publisher, tmp_path, monkeypatch):
+    """A publish wakes every push stream of the model at once: one thread reads the model's devices and
+    channels, the others wait for that read instead of each asking the database."""
+    import threading
+
+    import pytest
+
+    from sync_server.errors import AuthenticationError
+
+    # (The watch for other instances' changes would empty the caches once more after each change.)
+    with running_server(server_config(tmp_path / "data", db_url, publisher, push_poll_s=3600)) as server:
+        server.publish_ok(publisher, 1, 2)
+        server.set_channel(1)
+        enrolled = [server.enroll() for _ in range(6)]
+        devices = server.services.devices
+        identities = [devices.authenticate(d.token) for d in enrolled]
+        reads = []
+        read_roster = devices._read_roster
+
+        def counted(model_id):
+            reads.append(model_id)
+            time.sleep(0.05)  # a slow database: the other threads arrive while it reads
+            return read_roster(model_id)
+
+        monkeypatch.setattr(devices, "_read_roster", counted)
+
+        server.set_channel(2)
+        answers = [None] * len(identities)
+        threads = [threading.Thread(target=lambda i=i: answers.__setitem__(i, devices.assignment(identities[i])))
+                   for i in range(len(identities))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert [a.version for a in answers] == [2] * len(identities) and len(reads) == 1
+        assert all(devices.pushed_assignment(i).version == 2 for i in identities), "later wake-ups need no thread"
+
+        # Every change starts a new read, and what changed is seen: a move to another channel, a revocation.
+        server.set_channel(1, "canary")
+        assert server.admin("PATCH", f"/v1/devices/{enrolled[0].id}", json={"channel": "canary"}).status_code == 200
+        assert server.admin("DELETE", f"/v1/devices/{enrolled[1].id}").status_code == 200
+        before = len(reads)
+        moved = devices.assignment(identities[0])
+        assert (moved.channel, moved.version) == ("canary", 1)
+        with pytest.raises(AuthenticationError) as revoked:
+            devices.assignment(identities[1])
+        assert revoked.value.code == "revoked_token"
+        assert devices.assignment(identities[2]).version == 2 and len(reads) == before + 1
+
+        # A device enrolled after the read is not in it: it reads its own assignment.
+        late = server.enroll()
+        assert devices.assignment(devices.authenticate(late.token)).version == 2 and len(reads) == before + 1

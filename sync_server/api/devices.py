@@ -66,13 +66,18 @@ async def events(
         first = True
         while True:
             try:
-                # From the database: the device may have been moved to another channel since it connected.
-                current = await anyio.to_thread.run_sync(state.devices.assignment, device)
+                # Read afresh: the device may have been moved to another channel since it connected. After
+                # a change, one worker reads the model's devices and the other streams answer from that.
+                current = state.devices.pushed_assignment(device) or await anyio.to_thread.run_sync(
+                    state.devices.assignment, device
+                )
             except AuthenticationError:
                 yield ServerSentEvent(event="revoked", data={"device_id": device.id})
                 return
             if current.etag != last_etag:
-                view = await anyio.to_thread.run_sync(state.devices.assignment_view, current)
+                view = state.devices.cached_view(current) or await anyio.to_thread.run_sync(
+                    state.devices.assignment_view, current
+                )
                 yield ServerSentEvent(event="assignment", id=current.etag, data=view, retry=5000 if first else None)
                 last_etag = current.etag
                 first = False
