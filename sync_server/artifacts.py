@@ -79,6 +79,17 @@ class ArtifactStore:
             raise
 
 
+    def remove(self, sha256: str) -> int:
+        """Delete a stored artifact (no longer referenced); returns the bytes freed (0 if absent)."""
+        path = self.path_of(sha256)
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        return size
+
+
 def sha256_file(path: str | Path) -> str:
     """The hex SHA-256 of a file's content."""
     digest = hashlib.sha256()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any, Sequence
 from .config import SETTINGS, ServerConfig
 from .errors import BackendError, ConfigError, SyncServerError
 
-COMMANDS = ("serve", "publish", "predict", "demo", "path", "migrate")
+COMMANDS = ("serve", "publish", "predict", "prune", "demo", "path", "migrate")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -86,6 +87,15 @@ def _parser() -> argparse.ArgumentParser:
 
     path = sub.add_parser("path", parents=[settings], help="print where the server keeps its state")
     path.set_defaults(run=_path)
+
+    prune = sub.add_parser("prune", parents=[settings],
+                           help="delete a model's old versions that nothing uses (channels, devices, TF Serving)")
+    prune.add_argument("model", metavar="MODEL")
+    prune.add_argument("--keep", type=int, default=3, metavar="N", help="always keep the newest N versions (default 3)")
+    prune.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    prune.add_argument("--server", metavar="URL", help="prune a running server instead of the data dir")
+    prune.add_argument("--json", action="store_true", help="print the result as JSON")
+    prune.set_defaults(run=_prune)
 
     migrate = sub.add_parser("migrate", parents=[settings], help="upgrade the database schema to the newest version")
     migrate.set_defaults(run=_migrate)
@@ -202,6 +212,55 @@ def _path(args: argparse.Namespace, config: ServerConfig) -> int:
     for label, value in rows:
         print(f"{label:<{width}}  {value}")
     return 0
+
+
+def _prune(args: argparse.Namespace, config: ServerConfig) -> int:
+    """Delete versions older than the newest --keep; a version still in use is kept, with the reason."""
+    from .errors import ConflictError
+
+    if args.keep < 1:
+        raise ConfigError(f"--keep must be at least 1, got {args.keep}")
+    with contextlib.ExitStack() as stack:
+        if args.server:
+            from .client import SyncServerClient
+
+            client = stack.enter_context(SyncServerClient(args.server, _admin_token(config)))
+            versions = client.get(f"/v1/models/{args.model}")["versions"]
+            delete = client.delete_version
+        else:
+            from .services import Services
+
+            services = Services.build(config, with_predictor=False)
+            stack.callback(services.close)
+            services.db.migrate()
+            versions = services.registry.get_model(args.model)["versions"]
+            delete = services.registry.delete_version
+        old = sorted(versions)[: max(0, len(versions) - args.keep)]
+        deleted, kept, freed = [], [], 0
+        for version in old:
+            if args.dry_run:
+                deleted.append(version)
+                continue
+            try:
+                freed += delete(args.model, version)["freed_bytes"]
+                deleted.append(version)
+            except ConflictError as exc:
+                kept.append({"version": version, "code": exc.code, "reason": exc.message})
+    result = {"model": args.model, "deleted": deleted, "kept": kept, "freed_bytes": freed, "dry_run": args.dry_run}
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+        return 0
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{args.model}: {verb} {_versions(deleted)}" + ("" if args.dry_run else f" ({freed / 1e6:.1f} MB freed)"))
+    for item in kept:
+        print(f"  kept version {item['version']}: {item['reason']}")
+    return 0
+
+
+def _versions(versions: list[int]) -> str:
+    if not versions:
+        return "no version"
+    return ("version " if len(versions) == 1 else "versions ") + ", ".join(str(v) for v in versions)
 
 
 def _migrate(args: argparse.Namespace, config: ServerConfig) -> int:

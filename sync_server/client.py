@@ -70,6 +70,9 @@ class SyncServerClient:
                        headers={"Content-Type": "application/octet-stream"})
         )
 
+    def delete_version(self, model: str, version: int) -> dict[str, Any]:
+        return self._check(self._send("DELETE", f"/v1/models/{model}/versions/{version}"))
+
     def get(self, path: str) -> Any:
         return self._check(self._send("GET", path))
 

@@ -86,6 +86,19 @@ class VersionFile(Base):
     model_version: Mapped[ModelVersion] = relationship(back_populates="files")
 
 
+class DeletedVersion(Base):
+    """A version an operator deleted. Its number is not reused for other content: devices may still
+    hold the old bundle under that number. Publishing the same content again restores it."""
+
+    __tablename__ = "deleted_versions"
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    manifest_sha256: Mapped[str] = mapped_column(String(64))
+    saved_model_digest: Mapped[str] = mapped_column(String(64))
+    deleted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class Channel(Base):
     """A named stream of versions of one model (`stable`, `canary`, ...) and its staged rollout, if any."""
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from sqlalchemy import select
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
@@ -24,7 +24,7 @@ from .artifacts import ArtifactStore
 from .bundles import check_saved_model, verify_bundle
 from .db import Database, iso
 from .errors import ConflictError, NotFoundError
-from .models import Model, ModelVersion, VersionFile
+from .models import Channel, DeletedVersion, Device, DeviceStatus, Model, ModelVersion, VersionFile
 from .serving_repo import ServingRepository
 
 log = logging.getLogger("sync_server.registry")
@@ -72,6 +72,10 @@ class Registry:
             existing = self._existing(bundle.name, bundle.version)
             if existing is not None:
                 return self._same_or_conflict(existing, bundle.manifest_sha256, saved_model.digest, bundle.name, bundle.version)
+            deleted = self._deleted(bundle.name, bundle.version)
+            if deleted is not None:  # only the same content may come back under a deleted number
+                self._same_or_conflict(deleted, bundle.manifest_sha256, saved_model.digest, bundle.name, bundle.version,
+                                       deleted=True)
             stored = {name: self.artifacts.put_file(path) for name, path in bundle.files.items()}
             self.repository.install(bundle.name, bundle.version, saved_model.path, saved_model.digest)
             try:
@@ -81,6 +85,9 @@ class Registry:
                         model = Model(name=bundle.name)
                         session.add(model)
                         session.flush()
+                    tombstone = session.get(DeletedVersion, (model.id, bundle.version))
+                    if tombstone is not None:  # the same content comes back (checked above)
+                        session.delete(tombstone)
                     row = ModelVersion(
                         model_id=model.id,
                         version=bundle.version,
@@ -99,6 +106,10 @@ class Registry:
                 if existing is None:
                     raise
                 return self._same_or_conflict(existing, bundle.manifest_sha256, saved_model.digest, bundle.name, bundle.version)
+            # A version deleted meanwhile (on another instance) may have taken a file this one shares.
+            for name, path in bundle.files.items():
+                if not self.artifacts.path_of(stored[name].sha256).is_file():
+                    self.artifacts.put_file(path)
         log.info("published", extra={"model": bundle.name, "version": bundle.version, "key_id": bundle.key_id})
         return PublishResult(bundle.name, bundle.version, True)
 
@@ -111,16 +122,83 @@ class Registry:
             ).first()
             return (row[0], row[1]) if row else None
 
+    def _deleted(self, name: str, version: int) -> tuple[str, str] | None:
+        with self.db.read() as session:
+            row = session.execute(
+                select(DeletedVersion.manifest_sha256, DeletedVersion.saved_model_digest)
+                .join(Model, Model.id == DeletedVersion.model_id)
+                .where(Model.name == name, DeletedVersion.version == version)
+            ).first()
+            return (row[0], row[1]) if row else None
+
     @staticmethod
-    def _same_or_conflict(existing: tuple[str, str], manifest_sha256: str, digest: str, name: str, version: int) -> PublishResult:
+    def _same_or_conflict(existing: tuple[str, str], manifest_sha256: str, digest: str, name: str, version: int,
+                          *, deleted: bool = False) -> PublishResult:
         if existing == (manifest_sha256, digest):
             return PublishResult(name, version, False)
         which = "bundle" if existing[0] != manifest_sha256 else "SavedModel"
+        state = "was deleted, and devices may still hold it," if deleted else "already exists"
         raise ConflictError(
-            f"version {version} of model {name} already exists with a different {which}; "
+            f"version {version} of model {name} {state} with a different {which}; "
             "publish the new model as a new version",
             code="version_conflict",
         )
+
+    # --- deleting -------------------------------------------------------------------------------
+
+    def delete_version(self, name: str, version: int) -> dict[str, Any]:
+        """Delete a version nothing uses any more: its row, its files no other version shares, and its
+        SavedModel in the TF Serving repository. Refused (409) while a channel names it (as current,
+        previous or rollout version), while a device reports running it, or while TF Serving's config
+        still lists it. The number stays taken (see `DeletedVersion`)."""
+        served = self.repository.written().get(name)
+        with self._publish_lock:
+            with self.db.write() as session:
+                row = find_version(session, name, version)
+                model_id = row.model_id
+                channels = session.scalars(
+                    select(Channel.name).where(
+                        Channel.model_id == model_id,
+                        or_(Channel.version == version, Channel.previous_version == version,
+                            Channel.rollout_version == version),
+                    )
+                ).all()
+                if channels:
+                    raise ConflictError(
+                        f"version {version} of model {name} is in use by channel {', '.join(sorted(channels))} "
+                        "(as its current, previous or rollout version); move the channel on first",
+                        code="version_in_use",
+                    )
+                running = session.scalar(
+                    select(func.count())
+                    .select_from(DeviceStatus)
+                    .join(Device, Device.id == DeviceStatus.device_id)
+                    .where(Device.model_id == model_id, Device.revoked.is_(False), DeviceStatus.version == version,
+                           DeviceStatus.running.is_(True))
+                )
+                if running:
+                    raise ConflictError(
+                        f"{running} device(s) still run version {version} of model {name}; delete it once they "
+                        "report another version",
+                        code="version_running",
+                    )
+                if served is not None and version in served.versions:
+                    raise ConflictError(
+                        f"TF Serving's config still lists version {version} of model {name}; try again once the "
+                        "server has written its next config (seconds after the channel moved)",
+                        code="version_served",
+                    )
+                hashes = {f.sha256 for f in row.files}
+                session.add(DeletedVersion(model_id=model_id, version=version, manifest_sha256=row.manifest_sha256,
+                                           saved_model_digest=row.saved_model_digest))
+                session.execute(delete(VersionFile).where(VersionFile.version_id == row.id))
+                session.expire(row, ["files"])  # the files are gone: nothing for the ORM to unlink
+                session.delete(row)
+            freed = sum(self.artifacts.remove(h) for h in sorted(hashes) if not self.versions_with_artifact(h))
+            freed += self.repository.remove(name, version)
+            self._infos.pop((name, version), None)
+        log.info("version deleted", extra={"model": name, "version": version, "freed_bytes": freed})
+        return {"name": name, "version": version, "deleted": True, "freed_bytes": freed}
 
     # --- reading --------------------------------------------------------------------------------
 

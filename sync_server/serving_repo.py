@@ -92,6 +92,18 @@ class ServingRepository:
             raise
         return target
 
+    def remove(self, name: str, version: int) -> int:
+        """Delete a version's SavedModel folder (moved aside first, so TF Serving never sees half of
+        one); returns the bytes freed."""
+        target = self.path_of(name, version)
+        if not target.is_dir():
+            return 0
+        size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+        trash = Path(tempfile.mkdtemp(prefix=f".{version}-deleted-", dir=target.parent))
+        os.replace(target, trash / "old")
+        shutil.rmtree(trash, ignore_errors=True)
+        return size
+
     # --- the config file ------------------------------------------------------------------------
 
     def written(self) -> dict[str, ServedModel]:

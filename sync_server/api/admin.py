@@ -133,6 +133,16 @@ def get_version(name: str, version: int, state: Services = Depends(auth.services
     return state.registry.get_version(name, version)
 
 
+@router.delete("/models/{name}/versions/{version}")
+def delete_version(name: str, version: int, state: Services = Depends(auth.services)) -> dict[str, Any]:
+    """Delete a version nothing uses: its files and its SavedModel are removed, its number stays taken.
+
+    409 `version_in_use` while a channel names it, `version_running` while a device runs it,
+    `version_served` while TF Serving's config still lists it.
+    """
+    return state.registry.delete_version(name, version)
+
+
 @router.get("/models/{name}/telemetry")
 def telemetry(name: str, version: int | None = Query(None, ge=1), state: Services = Depends(auth.services)) -> dict[str, Any]:
     """Device telemetry summed per version: predictions, fallbacks, fallback rate, histogram, latency."""
