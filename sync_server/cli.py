@@ -92,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
                            help="delete a model's old versions that nothing uses (channels, devices, TF Serving)")
     prune.add_argument("model", metavar="MODEL")
     prune.add_argument("--keep", type=int, default=3, metavar="N", help="always keep the newest N versions (default 3)")
-    prune.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    prune.add_argument("--dry-run", action="store_true", help="check and list what would be deleted, delete nothing")
     prune.add_argument("--server", metavar="URL", help="prune a running server instead of the data dir")
     prune.add_argument("--json", action="store_true", help="print the result as JSON")
     prune.set_defaults(run=_prune)
@@ -238,11 +238,8 @@ def _prune(args: argparse.Namespace, config: ServerConfig) -> int:
         old = sorted(versions)[: max(0, len(versions) - args.keep)]
         deleted, kept, freed = [], [], 0
         for version in old:
-            if args.dry_run:
-                deleted.append(version)
-                continue
             try:
-                freed += delete(args.model, version)["freed_bytes"]
+                freed += delete(args.model, version, dry_run=args.dry_run)["freed_bytes"]
                 deleted.append(version)
             except ConflictError as exc:
                 kept.append({"version": version, "code": exc.code, "reason": exc.message})

@@ -70,8 +70,9 @@ class SyncServerClient:
                        headers={"Content-Type": "application/octet-stream"})
         )
 
-    def delete_version(self, model: str, version: int) -> dict[str, Any]:
-        return self._check(self._send("DELETE", f"/v1/models/{model}/versions/{version}"))
+    def delete_version(self, model: str, version: int, *, dry_run: bool = False) -> dict[str, Any]:
+        params = {"dry_run": "true"} if dry_run else None
+        return self._check(self._send("DELETE", f"/v1/models/{model}/versions/{version}", params=params))
 
     def get(self, path: str) -> Any:
         return self._check(self._send("GET", path))

@@ -146,11 +146,12 @@ class Registry:
 
     # --- deleting -------------------------------------------------------------------------------
 
-    def delete_version(self, name: str, version: int) -> dict[str, Any]:
+    def delete_version(self, name: str, version: int, *, dry_run: bool = False) -> dict[str, Any]:
         """Delete a version nothing uses any more: its row, its files no other version shares, and its
         SavedModel in the TF Serving repository. Refused (409) while a channel names it (as current,
         previous or rollout version), while a device reports running it, or while TF Serving's config
-        still lists it. The number stays taken (see `DeletedVersion`)."""
+        still lists it. The number stays taken (see `DeletedVersion`). `dry_run` checks all that and
+        deletes nothing."""
         served = self.repository.written().get(name)
         with self._publish_lock:
             with self.db.write() as session:
@@ -188,6 +189,8 @@ class Registry:
                         "server has written its next config (seconds after the channel moved)",
                         code="version_served",
                     )
+                if dry_run:
+                    return {"name": name, "version": version, "deleted": False, "dry_run": True, "freed_bytes": 0}
                 hashes = {f.sha256 for f in row.files}
                 session.add(DeletedVersion(model_id=model_id, version=version, manifest_sha256=row.manifest_sha256,
                                            saved_model_digest=row.saved_model_digest))
@@ -198,7 +201,7 @@ class Registry:
             freed += self.repository.remove(name, version)
             self._infos.pop((name, version), None)
         log.info("version deleted", extra={"model": name, "version": version, "freed_bytes": freed})
-        return {"name": name, "version": version, "deleted": True, "freed_bytes": freed}
+        return {"name": name, "version": version, "deleted": True, "dry_run": False, "freed_bytes": freed}
 
     # --- reading --------------------------------------------------------------------------------
 

@@ -87,13 +87,14 @@ def test_prune_keeps_the_newest_and_whatever_is_in_use(db_url, publisher, tmp_pa
     if db_url:
         args += ["--database-url", db_url]
     assert cli_main([*args, "--dry-run", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["deleted"] == [1, 2]  # a dry run does not ask
+    dry = json.loads(capsys.readouterr().out)
+    assert dry["deleted"] == [2] and dry["kept"][0]["code"] == "version_in_use", "a dry run checks too"
     assert cli_main(args) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"{MODEL}: deleted version 2 (") and "kept version 1: version 1 of model" in out
     assert "in use by channel stable" in out
     with running_server(config) as server:
-        assert server.admin("GET", f"/v1/models/{MODEL}").json()["versions"] == [1, 3]
+        assert server.admin("GET", f"/v1/models/{MODEL}").json()["versions"] == [1, 3], "and deletes only then"
     assert cli_main(["prune", MODEL, "--keep", "0", "--data-dir", str(tmp_path / "data")]) == 2
     assert "--keep must be at least 1" in capsys.readouterr().err
 

@@ -134,13 +134,13 @@ def get_version(name: str, version: int, state: Services = Depends(auth.services
 
 
 @router.delete("/models/{name}/versions/{version}")
-def delete_version(name: str, version: int, state: Services = Depends(auth.services)) -> dict[str, Any]:
+def delete_version(name: str, version: int, dry_run: bool = False, state: Services = Depends(auth.services)) -> dict[str, Any]:
     """Delete a version nothing uses: its files and its SavedModel are removed, its number stays taken.
 
     409 `version_in_use` while a channel names it, `version_running` while a device runs it,
-    `version_served` while TF Serving's config still lists it.
+    `version_served` while TF Serving's config still lists it. `?dry_run=true` checks and deletes nothing.
     """
-    return state.registry.delete_version(name, version)
+    return state.registry.delete_version(name, version, dry_run=dry_run)
 
 
 @router.get("/models/{name}/telemetry")
