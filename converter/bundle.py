@@ -27,7 +27,7 @@ from .errors import (
     UsageError,
 )
 from .manifest import Manifest
-from .signing import PrivateKeyLike, PublicKeyLike, key_id, load_public_key, sign, verify
+from .signing import PrivateKeyLike, PublicKeyLike, key_id, load_public_keys, sign, verify
 
 MODEL_FILE = "model.tflite"
 MANIFEST_FILE = "manifest.json"
@@ -96,9 +96,8 @@ def read_bundle(
             raise UnsignedBundleError(f"{root} is unsigned (no {SIGNATURE_FILE}): devices refuse unsigned bundles")
         status = UNSIGNED
     elif public_key is not None:
-        key = load_public_key(public_key)
-        verify(manifest_bytes, _read(signature_path, "signature"), key)
-        status, signer = VERIFIED, key_id(key)
+        signed_by = verify(manifest_bytes, _read(signature_path, "signature"), load_public_keys(public_key))
+        status, signer = VERIFIED, key_id(signed_by)
     manifest = Manifest.from_json(manifest_bytes)
     model = _read(root / manifest.model_file, "model")
     _check_file(model, manifest.model_sha256, manifest.model_size, manifest.model_file)

@@ -12,7 +12,7 @@ import binascii
 import hashlib
 import os
 from pathlib import Path
-from typing import Union
+from typing import Sequence, Union
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -129,14 +129,43 @@ def load_private_key(key: PrivateKeyLike, password: bytes | str | None = None) -
 
 def load_public_key(key: PublicKeyLike) -> Ed25519PublicKey:
     """Load an Ed25519 public key from a PEM file (or return `key` if it already is one)."""
+    keys = load_public_keys(key)
+    if len(keys) > 1:
+        raise KeyFileError(f"{key} holds {len(keys)} public keys where one is expected")
+    return keys[0]
+
+
+def load_public_keys(key: PublicKeyLike) -> list[Ed25519PublicKey]:
+    """The Ed25519 public keys in a PEM file: one, or several one after the other (a key ring, how a
+    device trusts the next publisher key before bundles are signed with it)."""
     if isinstance(key, Ed25519PublicKey):
-        return key
+        return [key]
     if isinstance(key, Ed25519PrivateKey):
         raise KeyFileError("a private key was given where the public key is expected: pass key.public_key()")
     path = Path(key)
     data = _read_key_file(path, "public")
     if b"PRIVATE KEY" in data:
         raise KeyFileError(f"{path} is a private key; verification needs the public key ({path.name}.pub)")
+    blocks = _pem_blocks(data)
+    return [_load_one_public_key(path, block) for block in blocks] if len(blocks) > 1 else [_load_one_public_key(path, data)]
+
+
+def _pem_blocks(data: bytes) -> list[bytes]:
+    """The `-----BEGIN ... -----END ...` blocks of a PEM file, each with its own lines."""
+    blocks, current = [], None
+    for line in data.splitlines(keepends=True):
+        stripped = line.strip()
+        if stripped.startswith(b"-----BEGIN"):
+            current = [line]
+        elif current is not None:
+            current.append(line)
+            if stripped.startswith(b"-----END"):
+                blocks.append(b"".join(current))
+                current = None
+    return blocks
+
+
+def _load_one_public_key(path: Path, data: bytes) -> Ed25519PublicKey:
     simple = _public_key_from_pem(data)
     if simple is not None:
         return simple
@@ -190,19 +219,24 @@ def sign(data: bytes, key: PrivateKeyLike) -> bytes:
     return base64.b64encode(signature) + b"\n"
 
 
-def verify(data: bytes, signature: bytes, key: PublicKeyLike) -> None:
-    """Check a detached signature made by `sign`; raises `SignatureMismatchError` if it is not valid."""
-    public = load_public_key(key)
+def verify(data: bytes, signature: bytes, key: PublicKeyLike | Sequence[Ed25519PublicKey]) -> Ed25519PublicKey:
+    """Check a detached signature made by `sign` against a key or a key ring; returns the key that made
+    it, or raises `SignatureMismatchError`."""
+    ring = list(key) if isinstance(key, (list, tuple)) else load_public_keys(key)
     try:
         raw = base64.b64decode(signature.strip(), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise SignatureMismatchError("the signature is not base64: the bundle was damaged") from exc
     if len(raw) != 64:
         raise SignatureMismatchError(f"the signature is {len(raw)} bytes, not 64: the bundle was damaged")
-    try:
-        public.verify(raw, data)
-    except InvalidSignature as exc:
-        raise SignatureMismatchError(
-            f"the manifest signature does not verify with key {key_id(public)}: the bundle was changed "
-            "after signing or signed by another key"
-        ) from exc
+    for public in ring:
+        try:
+            public.verify(raw, data)
+            return public
+        except InvalidSignature:
+            continue
+    which = "key " + key_id(ring[0]) if len(ring) == 1 else "any of the keys " + ", ".join(key_id(k) for k in ring)
+    raise SignatureMismatchError(
+        f"the manifest signature does not verify with {which}: the bundle was changed after signing or "
+        "signed by another key"
+    )

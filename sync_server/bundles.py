@@ -56,7 +56,7 @@ class CheckedSavedModel:
 def load_trusted_keys(paths: Sequence[Path], keys_dir: Path | None = None) -> list[Any]:
     """The Ed25519 public keys from `paths` and every file in `keys_dir`; ConfigError if one is unusable."""
     from converter.errors import KeyFileError
-    from converter.signing import load_public_key
+    from converter.signing import load_public_keys
 
     files = list(paths)
     if keys_dir is not None and keys_dir.is_dir():
@@ -64,7 +64,7 @@ def load_trusted_keys(paths: Sequence[Path], keys_dir: Path | None = None) -> li
     keys = []
     for path in files:
         try:
-            keys.append(load_public_key(path))
+            keys.extend(load_public_keys(path))  # a file may hold a key ring
         except KeyFileError as exc:
             raise ConfigError(f"trusted publisher key: {exc}") from exc
     return keys

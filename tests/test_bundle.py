@@ -146,6 +146,32 @@ def test_a_bundle_signed_by_another_key_is_refused(signed_bundle, tmp_path):
         read_bundle(signed_bundle, other)
 
 
+def test_a_key_ring_lets_devices_trust_the_next_publisher_key_before_it_signs(signed_bundle, keys, tmp_path):
+    """Rotation: devices get a trusted.pub holding the current key and the next one; bundles signed with
+    either load, so the publisher can switch keys without a day on which devices refuse updates."""
+    from converter.signing import key_id, load_public_key
+
+    old_private, old_public = keys
+    new_private, new_public = write_keypair(tmp_path / "next.key")
+    ring = tmp_path / "trusted.pub"
+    ring.write_bytes(old_public.read_bytes() + b"\n" + new_public.read_bytes())
+    by_new = write_bundle(tmp_path / "by-new", MODEL, make_manifest(), sign_key=new_private)
+
+    assert read_bundle(signed_bundle, ring).key_id == key_id(load_public_key(old_public))
+    assert read_bundle(by_new, ring).key_id == key_id(load_public_key(new_public))
+    with pytest.raises(SignatureMismatchError) as refused:
+        read_bundle(by_new, old_public)  # a device that never got the next key
+    assert key_id(load_public_key(old_public)) in str(refused.value)
+
+    _, stranger = write_keypair(tmp_path / "stranger.key")
+    with pytest.raises(SignatureMismatchError) as refused:
+        read_bundle(write_bundle(tmp_path / "by-stranger", MODEL, make_manifest(), sign_key=tmp_path / "stranger.key"), ring)
+    message = str(refused.value)
+    assert "any of the keys" in message and key_id(load_public_key(new_public)) in message
+    with pytest.raises(KeyFileError, match="holds 2 public keys where one is expected"):
+        load_public_key(ring)
+
+
 def test_a_garbled_signature_file_is_refused(signed_bundle, keys):
     (signed_bundle / "manifest.sig").write_bytes(b"not base64 at all!!\n")
     with pytest.raises(SignatureMismatchError, match="not base64"):

@@ -284,6 +284,24 @@ def test_an_unsigned_bundle_is_refused(device, int8_bundle, tmp_path, capsys):
     assert code == 2 and "unsigned" in err
 
 
+def test_a_device_that_trusts_the_next_key_too_loads_bundles_signed_with_it(device, int8_bundle, tmp_path, capsys):
+    from converter.bundle import read_bundle, write_bundle
+    from converter.signing import write_keypair
+
+    next_private, next_public = write_keypair(tmp_path / "next")
+    original = read_bundle(int8_bundle, device / "trusted.pub")
+    resigned = write_bundle(tmp_path / "resigned", (int8_bundle / "model.tflite").read_bytes(), original.manifest,
+                            sign_key=next_private)
+    photo = real_photo_path("rocket.jpg")
+    assert run(capsys, photo, "--model", resigned)[0] == 2  # signed by a key the device does not trust yet
+
+    ring = device / "trusted.pub"
+    ring.write_bytes(ring.read_bytes() + next_public.read_bytes())
+    for bundle in (int8_bundle, resigned):  # the current key and the next one
+        code, out, _ = run(capsys, photo, "--model", bundle, "--json")
+        assert code == 0 and json_lines(out)[0]["label"]
+
+
 def test_without_a_pinned_key_nothing_loads(device, int8_bundle, capsys):
     (device / "trusted.pub").unlink()
     code, _, err = run(capsys, real_photo_path("rocket.jpg"), "--model", int8_bundle)
