@@ -8,6 +8,7 @@ several instances starting together upgrade the schema once.
 from __future__ import annotations
 
 import contextlib
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -49,6 +50,8 @@ class Database:
             raise ConfigError(f"unsupported database {self.dialect!r}: use sqlite:///PATH or postgresql://...")
         self._reader = sessionmaker(self.engine, expire_on_commit=False)
         self._writer = sessionmaker(self.engine.execution_options(sqlite_begin="IMMEDIATE"), expire_on_commit=False)
+        self._local_revisions: set[int] = set()  # revisions this process's own commits made
+        self._local_lock = threading.Lock()
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Session]:
@@ -65,6 +68,18 @@ class Database:
         with self._writer() as session:
             with session.begin():
                 yield session
+            bumped = session.info.pop(_BUMPED, None)
+            if bumped:  # committed: these revisions are this process's own changes
+                with self._local_lock:
+                    self._local_revisions.update(bumped)
+
+    def only_local_changes(self, old: int, new: int) -> bool:
+        """Whether every revision after `old` up to `new` was made by this process's own commits (whose
+        callers already told their streams); forgets revisions up to `new`."""
+        with self._local_lock:
+            ours = all(r in self._local_revisions for r in range(old + 1, new + 1)) if new > old else False
+            self._local_revisions = {r for r in self._local_revisions if r > new}
+        return ours
 
     def migrate(self) -> None:
         """Upgrade the schema to the newest migration (idempotent)."""
@@ -109,12 +124,20 @@ class Database:
 
 
 def bump_revision(session: Session) -> None:
-    """Advance the shared assignment revision inside the caller's write transaction."""
+    """Advance the shared assignment revision inside the caller's write transaction (`Database.write`
+    remembers the new value once it commits, so this instance's watch can skip its own change)."""
     result = session.execute(
         update(ServerState).where(ServerState.key == REVISION_KEY).values(value=ServerState.value + 1)
     )
     if result.rowcount == 0:  # type: ignore[attr-defined]
         session.add(ServerState(key=REVISION_KEY, value=1))
+        value = 1
+    else:
+        value = session.scalar(select(ServerState.value).where(ServerState.key == REVISION_KEY))
+    session.info.setdefault(_BUMPED, []).append(int(value))
+
+
+_BUMPED = "bumped_revisions"
 
 
 def as_utc(moment: datetime | None) -> datetime | None:

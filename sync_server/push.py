@@ -89,13 +89,15 @@ async def watch_revision(
     read_revision: Callable[[], Awaitable[int]],
     interval_s: float,
     on_change: Callable[[], None],
+    only_local: Callable[[int, int], bool] | None = None,
 ) -> None:
-    """Call `on_change` whenever the shared revision moves; runs until cancelled."""
+    """Call `on_change` whenever the shared revision moves, unless `only_local(last, current)` says this
+    instance made every change in between (its streams were told at once); runs until cancelled."""
     last: int | None = None
     while True:
         try:
             current = await read_revision()
-            if last is not None and current != last:
+            if last is not None and current != last and not (only_local and only_local(last, current)):
                 on_change()
             last = current
         except asyncio.CancelledError:

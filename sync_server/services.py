@@ -122,7 +122,10 @@ class Services:
             self.reconciler.trigger()
 
         self._tasks = [
-            asyncio.create_task(watch_revision(read_revision, self.config.push_poll_s, remote_change), name="push-watch"),
+            asyncio.create_task(
+                watch_revision(read_revision, self.config.push_poll_s, remote_change, self.db.only_local_changes),
+                name="push-watch",
+            ),
             asyncio.create_task(self.reconciler.run(), name="serving-reconciler"),
         ]
         log.info(

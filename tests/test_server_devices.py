@@ -323,3 +323,28 @@ def test_after_a_change_one_read_answers_every_device_of_the_model(db_url, publi
         # A device enrolled after the read is not in it: it reads its own assignment.
         late = server.enroll()
         assert devices.assignment(devices.authenticate(late.token)).version == 2 and len(reads) == before + 1
+
+
+def test_a_change_made_here_wakes_the_streams_once_and_one_made_elsewhere_still_arrives(db_url, publisher, tmp_path):
+    """The watch for other instances' changes sees this instance's own revision move too; it must not
+    wake every stream a second time for it."""
+    config = server_config(tmp_path / "data", db_url, publisher, push_poll_s=0.05)
+    with running_server(config) as server:
+        server.publish_ok(publisher, 1, 2)
+        server.set_channel(1)
+        devices = server.services.devices
+        time.sleep(0.3)  # the watch has read the revision
+        generation = devices._generation
+        server.set_channel(2)
+        time.sleep(0.5)  # ten polls of the watch
+        assert devices._generation == generation + 1, "invalidated once, by the change itself"
+
+        other = Services.build(config, with_predictor=False)
+        try:
+            other.rollouts.set_version(MODEL, "stable", 1)
+        finally:
+            other.close()
+        deadline = time.monotonic() + 5
+        while devices._generation == generation + 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert devices._generation == generation + 2, "a change made by another instance still empties the caches"
