@@ -230,6 +230,11 @@ def _prune(args: argparse.Namespace, config: ServerConfig) -> int:
         else:
             from .services import Services
 
+            if config.database_url is None and not (config.data_dir / "sync-server.db").is_file():
+                raise ConfigError(
+                    f"no sync-server data in {config.data_dir}: pass the --data-dir (or --database-url) of the "
+                    "server whose versions to prune, or --server URL"
+                )
             services = Services.build(config, with_predictor=False)
             stack.callback(services.close)
             services.db.migrate()

@@ -97,6 +97,9 @@ def test_prune_keeps_the_newest_and_whatever_is_in_use(db_url, publisher, tmp_pa
         assert server.admin("GET", f"/v1/models/{MODEL}").json()["versions"] == [1, 3], "and deletes only then"
     assert cli_main(["prune", MODEL, "--keep", "0", "--data-dir", str(tmp_path / "data")]) == 2
     assert "--keep must be at least 1" in capsys.readouterr().err
+    elsewhere = tmp_path / "not-a-data-dir"
+    assert cli_main(["prune", MODEL, "--data-dir", str(elsewhere)]) == 2
+    assert "no sync-server data in" in capsys.readouterr().err and not elsewhere.exists(), "a typo creates nothing"
 
 
 def test_prune_talks_to_a_running_server_too(db_url, publisher, tmp_path, capsys):
