@@ -198,3 +198,15 @@ def test_publish_from_the_command_line_to_a_running_server(publisher, tmp_path, 
                          "--server", url, "--admin-token", ADMIN_TOKEN])
         assert code == 2 and "signature does not verify" in capsys.readouterr().err
 
+
+
+def test_a_publisher_key_file_may_hold_a_key_ring(publisher, tmp_path):
+    """Rotation on the server side: one trusted-keys file with the current and the next key accepts
+    bundles signed by either."""
+    ring = tmp_path / "publishers.pub"
+    ring.write_bytes(publisher.stranger_public_key.read_bytes() + publisher.public_key.read_bytes())
+    config = server_config(tmp_path / "data", None, None, publisher_keys=(ring,))
+    with running_server(config) as server:
+        assert len(server.services.registry.keys) == 2
+        assert server.publish(publisher.bundles[1], publisher.saved_model).status_code == 201
+        assert server.publish(publisher.stranger, publisher.saved_model).status_code == 201
