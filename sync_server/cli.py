@@ -230,7 +230,10 @@ def _prune(args: argparse.Namespace, config: ServerConfig) -> int:
         else:
             from .services import Services
 
-            if config.database_url is None and not (config.data_dir / "sync-server.db").is_file():
+            from sqlalchemy.engine import make_url
+
+            url = make_url(config.resolved_database_url)
+            if url.get_backend_name() == "sqlite" and not Path(url.database or "").is_file():
                 raise ConfigError(
                     f"no sync-server data in {config.data_dir}: pass the --data-dir (or --database-url) of the "
                     "server whose versions to prune, or --server URL"

@@ -83,9 +83,7 @@ class ServingRepository:
                     shutil.copy2(entry, staging / entry.name)
             _fsync_tree(staging)
             if target.exists():  # stale leftover with other content: move it aside, then replace
-                trash = Path(tempfile.mkdtemp(prefix=f".{version}-stale-", dir=target.parent))
-                os.replace(target, trash / "old")
-                shutil.rmtree(trash, ignore_errors=True)
+                _discard(target, f".{version}-stale-")
             os.replace(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -99,9 +97,7 @@ class ServingRepository:
         if not target.is_dir():
             return 0
         size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
-        trash = Path(tempfile.mkdtemp(prefix=f".{version}-deleted-", dir=target.parent))
-        os.replace(target, trash / "old")
-        shutil.rmtree(trash, ignore_errors=True)
+        _discard(target, f".{version}-deleted-")
         return size
 
     # --- the config file ------------------------------------------------------------------------
@@ -218,6 +214,14 @@ def _atomic_write(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _discard(folder: Path, prefix: str) -> None:
+    """Remove a version folder in one rename (into a hidden trash folder beside it, which TF Serving
+    ignores), then delete it: TF Serving never sees half of one."""
+    trash = Path(tempfile.mkdtemp(prefix=prefix, dir=folder.parent))
+    os.replace(folder, trash / "old")
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _fsync_tree(root: Path) -> None:

@@ -252,3 +252,22 @@ def test_the_smoke_test_module_loads_without_litert_for_devices_on_other_interpr
     completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.strip() == "ok"
+
+
+def test_enrolment_pins_a_key_ring_as_it_is(tmp_path):
+    """A device may be enrolled with the current publisher key and the next one in one file."""
+    from converter.signing import write_keypair
+    from edge_runtime.agent.config import AgentPaths
+    from edge_runtime.agent.enroll import _pin_key
+    from edge_runtime.agent.errors import AgentError
+
+    _, current = write_keypair(tmp_path / "current")
+    _, upcoming = write_keypair(tmp_path / "next")
+    ring = tmp_path / "ring.pub"
+    ring.write_bytes(current.read_bytes() + upcoming.read_bytes())
+    paths = AgentPaths.at(tmp_path / "home")
+    _pin_key(paths, ring)
+    assert (paths.home / "trusted.pub").read_bytes() == ring.read_bytes()
+    (tmp_path / "bad.pub").write_text("-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----\n")
+    with pytest.raises(AgentError, match="--public-key"):
+        _pin_key(paths, tmp_path / "bad.pub")

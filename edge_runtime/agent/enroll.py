@@ -66,10 +66,10 @@ def _installed_model(paths: AgentPaths) -> str | None:
 
 def _pin_key(paths: AgentPaths, key: Path) -> None:
     from converter.errors import KeyFileError
-    from converter.signing import load_public_key
+    from converter.signing import load_public_keys
 
     try:
-        load_public_key(key)
+        load_public_keys(key)  # one key, or a ring with the next publisher key too
     except KeyFileError as exc:
         raise AgentError(f"--public-key: {exc}") from exc
     paths.home.mkdir(parents=True, exist_ok=True)
