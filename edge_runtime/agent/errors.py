@@ -6,6 +6,8 @@
     │                            also after the bounded retries ran out
     ├── ServerRejectedError      the server answered with an error (`status`, `code`): bad secret, revoked, ...
     ├── DownloadError            a file could not be downloaded, or its size or sha256 is not the announced one
+    │   └── DiskFullError        the device's disk has no room for it (ENOSPC, a short write, or too little
+    │                            free space for the declared size): never a fault of the release
     └── UpdateRefusedError       a candidate version failed a step (files, signature, load, smoke test);
                                  the device keeps serving the version it has
 
@@ -49,6 +51,19 @@ class DownloadError(AgentError):
     def __init__(self, message: str, *, corrupt: bool = False) -> None:
         super().__init__(message)
         self.corrupt = corrupt
+
+
+class DiskFullError(DownloadError):
+    """Raised when the store's file system has no room: ENOSPC, a short write, or less free space than a
+    download needs. Reported as `disk_full`, never as a bad release; the agent retries when space returns.
+
+    `needed` and `free` are bytes (None where unknown).
+    """
+
+    def __init__(self, message: str, *, needed: int | None = None, free: int | None = None) -> None:
+        super().__init__(message, corrupt=False)
+        self.needed = needed
+        self.free = free
 
 
 class UpdateRefusedError(AgentError):
