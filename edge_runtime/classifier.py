@@ -130,8 +130,21 @@ class Classifier:
 
     @classmethod
     def create_from_options(cls, options: ClassifierOptions) -> "Classifier":
-        """Find, verify and load the model the options name."""
+        """Find, verify and load the model the options name.
+
+        Without `model`, the store's current version is used; when it is damaged, an intact previous
+        version is loaded instead, with one warning saying why.
+        """
         path, key = locate_model(options)
+        if options.model is None:
+            from .store import ModelStore
+
+            bundle, fell_back = ModelStore(options.store_home).load_current(key)
+            if fell_back:
+                import warnings
+
+                warnings.warn(fell_back, RuntimeWarning, stacklevel=2)
+            return cls(bundle, options)
         return cls(load_bundle(path, key), options)
 
     # --- properties ----------------------------------------------------------------------------

@@ -8,24 +8,40 @@ Layout under the store's home (`EDGE_CLASSIFY_HOME`, default `~/.local/share/edg
 A version folder is copied under a temporary name, fsynced and renamed into place; `state.json` is
 written to a temporary file, fsynced and renamed over the old one. A crash or power loss at any
 moment therefore leaves either the old or the new pointer, each naming a complete version.
+
+Damage is repaired, never fatal: a pointer file that is empty, random, half-written or not an object
+is rebuilt from the intact installed versions (newest current, the next previous) with one warning;
+`check` compares a version's files with the sizes and sha256 its manifest lists, `load_current`
+verifies the current version (signature included) and falls back to an intact previous one, and
+`discard` removes a damaged version even when the pointer names it. Temporary copies and pointer
+files that a killed process left behind are removed by `clean_leftovers`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ._durable import fsync_dir, fsync_file
-from .errors import StoreError
+from .errors import BundleRejectedError, StoreError
+
+if TYPE_CHECKING:
+    from .bundles import LoadedBundle
 
 HOME_ENV = "EDGE_CLASSIFY_HOME"
 _STATE = "state.json"
 _BUNDLE_FILES = ("model.tflite", "manifest.json", "manifest.sig", "labels.txt")
+#: A manifest larger than this is not one (the converter writes a few kilobytes).
+_MAX_MANIFEST_BYTES = 1 << 20
+#: Temporary names: a version being copied in, a version being deleted, a pointer being written.
+_STAGING, _TRASH, _STATE_TMP = ".staging-", ".trash-", ".state-"
 
 
 def default_home() -> Path:
@@ -65,6 +81,8 @@ class ModelStore:
     def __init__(self, home: str | Path | None = None) -> None:
         self.home = Path(home) if home is not None else default_home()
         self.models_dir = self.home / "models"
+        #: Why the pointer file was rebuilt, when it was (None: it was intact).
+        self.repaired: str | None = None
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -86,15 +104,34 @@ class ModelStore:
         return sorted(found)
 
     def state(self) -> StoreState:
-        """The pointer file, or an empty state before the first `use`."""
+        """The pointer file, or an empty state before the first `use`.
+
+        A damaged pointer (empty, random, half-written, `[]`, `null`, a version that is no ref) is
+        rebuilt from the intact installed versions, written back, and warned about once.
+        """
         path = self.home / _STATE
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            raw = path.read_bytes()
         except FileNotFoundError:
             return StoreState(None, None)
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"the model store's pointer file {path} is unreadable: {exc}") from exc
-        return StoreState(_ref(data.get("current")), _ref(data.get("previous")))
+        except IsADirectoryError:
+            return self._rebuild(f"{path} is a folder")
+        except OSError as exc:
+            raise StoreError(f"the model store's pointer file {path} is unreadable: {exc.strerror or exc}") from exc
+        try:
+            data = json.loads(raw[: 1 << 16].decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return self._rebuild("it is empty or not JSON" if raw.strip() else "it is empty")
+        if not isinstance(data, dict):
+            return self._rebuild(f"it holds {type(data).__name__ if data is not None else 'null'}, not an object")
+        refs = []
+        for key in ("current", "previous"):
+            value = data.get(key)
+            ref = _ref(value)
+            if value is not None and ref is None:
+                return self._rebuild(f"its {key!r} is not a model version")
+            refs.append(ref)
+        return StoreState(refs[0], refs[1])
 
     def current(self) -> ModelRef | None:
         """The version to load: the current one, or the previous one if the current folder is gone."""
@@ -104,12 +141,82 @@ class ModelStore:
                 return ref
         return None
 
+    def check(self, ref: ModelRef) -> str | None:
+        """What is wrong with `ref`'s files, or None when they are intact.
+
+        Compares the model and labels files with the size and sha256 the manifest lists (the
+        manifest's signature is what `bundles.load_bundle` checks; this needs no key and no crypto).
+        """
+        folder = self.path_of(ref)
+        try:
+            raw = (folder / "manifest.json").read_bytes()
+        except FileNotFoundError:
+            return f"{ref} has no manifest.json"
+        except OSError as exc:
+            return f"{ref}'s manifest.json is unreadable ({exc.strerror or exc})"
+        try:
+            if len(raw) > _MAX_MANIFEST_BYTES:
+                raise ValueError("too large")
+            doc = json.loads(raw)
+            labels = doc.get("labels_file") or {}
+            files = [(str(doc["model"]["file"]), str(doc["model"]["sha256"]), int(doc["model"]["size"])),
+                     (str(labels.get("file", "labels.txt")), labels.get("sha256"), None)]
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return f"{ref}'s manifest.json is damaged"
+        for name, sha256, size in files:
+            if sha256 is None or "/" in name or name.startswith("."):
+                continue
+            path = folder / name
+            try:
+                found = path.stat().st_size
+            except OSError:
+                return f"{ref}'s {name} is missing"
+            if size is not None and found != size:
+                return f"{ref}'s {name} has {found} bytes, its manifest says {size}"
+            if _sha256_of(path) != sha256:
+                return f"{ref}'s {name} does not match its manifest's sha256 (damaged on the disk)"
+        return None
+
+    def verify(self, ref: ModelRef, public_key: str | Path) -> LoadedBundle:
+        """`ref`'s bundle, verified with the pinned key (signature, sizes, sha256), or `BundleRejectedError`."""
+        from .bundles import load_bundle
+
+        return load_bundle(self.path_of(ref), public_key)
+
+    def load_current(self, public_key: str | Path) -> tuple[LoadedBundle, str | None]:
+        """The verified bundle to run: the current version, else an intact previous one.
+
+        Returns the bundle and, when the current version was damaged and the previous one is used,
+        the reason in words (for one warning). Raises `BundleRejectedError` when neither verifies and
+        `StoreError` when nothing is installed.
+        """
+        state = self.state()
+        problems: list[str] = []
+        for ref in dict.fromkeys(r for r in (state.current, state.previous) if r is not None):
+            if not (self.path_of(ref) / "manifest.json").is_file():
+                problems.append(f"{ref} is not installed")
+                continue
+            try:
+                bundle = self.verify(ref, public_key)
+            except BundleRejectedError as exc:
+                problems.append(str(exc))
+                continue
+            if ref == state.current:
+                return bundle, None
+            return bundle, f"the current version is damaged ({'; '.join(problems)}): using {ref} instead"
+        if not problems:
+            raise StoreError(f"no model is current in {self.home}")
+        raise BundleRejectedError("no intact model version in the store: " + "; ".join(problems))
+
     # --- changing ------------------------------------------------------------------------------
 
-    def install(self, bundle_dir: str | Path, ref: ModelRef, verify: Callable[[Path], object] | None = None) -> Path:
+    def install(self, bundle_dir: str | Path, ref: ModelRef, verify: Callable[[Path], object] | None = None,
+                *, link: bool = False) -> Path:
         """Copy a bundle into the store as `ref` (verifying the copy), without switching to it.
 
-        Installing a version that is already there is a no-op when the files are the same.
+        Installing a version that is already there is a no-op when the files are the same. With
+        `link`, files are hard-linked where the file system allows (no second copy on the disk: for
+        the agent's verified downloads, which nothing else writes).
         """
         bundle_dir = Path(bundle_dir)
         target = self.path_of(ref)
@@ -118,12 +225,13 @@ class ModelStore:
                 return target
             raise StoreError(f"{ref} is already installed with different files; remove it first")
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{ref.version}-", dir=target.parent))
+        staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING}{ref.version}-{os.getpid()}-", dir=target.parent))
         try:
             for name in _BUNDLE_FILES:
                 source = bundle_dir / name
                 if source.is_file():
-                    shutil.copyfile(source, staging / name)
+                    if not (link and _try_link(source, staging / name)):
+                        shutil.copyfile(source, staging / name)
                     fsync_file(staging / name)
             if verify is not None:
                 verify(staging)  # raises on a bad bundle; nothing enters the store
@@ -164,7 +272,41 @@ class ModelStore:
         path = self.path_of(ref)
         if not path.exists():
             raise StoreError(f"{ref} is not installed")
-        trash = path.with_name(f".trash-{ref.version}")
+        self._delete(ref)
+
+    def discard(self, ref: ModelRef) -> StoreState:
+        """Delete a damaged version, even the current or previous one; the pointer forgets it."""
+        state = self.state()
+        current = state.previous if state.current == ref else state.current
+        previous = state.previous if state.previous not in (ref, current) else None
+        if (current, previous) != (state.current, state.previous):
+            self._write_state(StoreState(current, previous))
+        if self.path_of(ref).exists():
+            self._delete(ref)
+        return StoreState(current, previous)
+
+    def clean_leftovers(self) -> list[Path]:
+        """Remove what interrupted work left: half-copied versions, versions half-deleted, pointer
+        files half-written. Ones a live process is still writing are kept (the pid is in the name)."""
+        removed: list[Path] = []
+        for path in self.home.glob(f"{_STATE_TMP}*") if self.home.is_dir() else ():
+            if _abandoned(path.name):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        if self.models_dir.is_dir():
+            for name_dir in self.models_dir.iterdir():
+                if not name_dir.is_dir():
+                    continue
+                for path in name_dir.iterdir():
+                    if path.name.startswith(".") and _abandoned(path.name):
+                        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                        removed.append(path)
+        return removed
+
+    def _delete(self, ref: ModelRef) -> None:
+        path = self.path_of(ref)
+        trash = path.with_name(f"{_TRASH}{ref.version}-{os.getpid()}")
+        shutil.rmtree(trash, ignore_errors=True)
         os.replace(path, trash)  # atomically out of sight, then delete at leisure
         shutil.rmtree(trash, ignore_errors=True)
 
@@ -182,7 +324,7 @@ class ModelStore:
             "current": state.current.to_dict() if state.current else None,
             "previous": state.previous.to_dict() if state.previous else None,
         }
-        fd, tmp = tempfile.mkstemp(prefix=".state-", dir=self.home)
+        fd, tmp = tempfile.mkstemp(prefix=f"{_STATE_TMP}{os.getpid()}-", dir=self.home)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 json.dump(data, handle)
@@ -195,13 +337,76 @@ class ModelStore:
             raise
 
 
+    def _rebuild(self, why: str) -> StoreState:
+        """A new pointer from the intact installed versions: the newest current, the next previous."""
+        intact = [ref for ref in sorted(self.versions(), key=lambda r: (r.version, r.name), reverse=True)
+                  if self.check(ref) is None]
+        current = intact[0] if intact else None
+        previous = next((r for r in intact[1:] if r.name == current.name), None) if current else None
+        state = StoreState(current, previous)
+        path = self.home / _STATE
+        self.repaired = f"the model store's pointer file {path} was damaged ({why})"
+        try:
+            self._write_state(state)
+        except OSError as exc:  # a read-only or full disk: use the rebuilt pointer without saving it
+            self.repaired += f"; could not save the rebuilt one ({exc.strerror or exc})"
+        what = f"current {current}" + (f", previous {previous}" if previous else "") if current else "no intact version installed"
+        self.repaired += f": rebuilt it from the installed versions ({what})"
+        warnings.warn(self.repaired, RuntimeWarning, stacklevel=3)
+        return state
+
+
 def _ref(data: object) -> ModelRef | None:
     if not isinstance(data, dict):
         return None
-    try:
-        return ModelRef(str(data["name"]), int(data["version"]))
-    except (KeyError, TypeError, ValueError):
+    name, version = data.get("name"), data.get("version")
+    if not isinstance(name, str) or isinstance(version, bool) or not isinstance(version, int) or version < 0:
         return None
+    try:
+        _safe_name(name)
+    except StoreError:
+        return None
+    return ModelRef(name, version)
+
+
+def _abandoned(name: str) -> bool:
+    """True for a temporary name whose process is gone, or that carries no pid (older leftovers).
+
+    Names: `.staging-<version>-<pid>-<random>`, `.trash-<version>-<pid>`, `.state-<pid>-<random>`.
+    """
+    pid = None
+    for prefix, index in ((_STAGING, 1), (_TRASH, 1), (_STATE_TMP, 0)):
+        if name.startswith(prefix):
+            parts = name[len(prefix):].split("-")
+            pid = int(parts[index]) if len(parts) > index and parts[index].isdigit() else None
+            break
+    if pid is None:
+        return True
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, someone else's
+        return False
+    return False
+
+
+def _try_link(source: Path, target: Path) -> bool:
+    try:
+        os.link(source, target)
+    except OSError:
+        return False
+    return True
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _safe_name(name: str) -> str:

@@ -687,3 +687,49 @@ def test_a_tampered_manifest_cannot_make_the_early_decode_allocate_much(int8_bun
     honest = _early_start([photo], ClassifierOptions(model=int8_bundle, public_key=tmp_path / "any.pub"), keep_bytes=False)
     assert honest is not None
     honest.close()
+
+
+# --- a damaged store: the intact previous version answers, with one warning ---------------------------
+
+
+def _two_versions(capsys, int8_bundle, tmp_path, publisher):
+    from dataclasses import replace
+
+    from converter.bundle import read_bundle, write_bundle
+
+    v1 = read_bundle(int8_bundle, publisher[1])
+    write_bundle(tmp_path / "v2", v1.read_model(), replace(v1.manifest, version=2), sign_key=publisher[0])
+    assert run(capsys, "models", "install", int8_bundle, "--use")[0] == 0
+    assert run(capsys, "models", "install", tmp_path / "v2", "--use")[0] == 0
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bit flipped"])
+def test_a_damaged_current_model_falls_back_to_the_intact_previous_one_with_one_warning(device, int8_bundle, tmp_path, publisher,
+                                                                                       capsys, damage):
+    _two_versions(capsys, int8_bundle, tmp_path, publisher)
+    model = device / "models" / "shop" / "2" / "model.tflite"
+    data = bytearray(model.read_bytes())
+    if damage == "truncated":
+        del data[len(data) // 2:]
+    else:
+        data[len(data) // 3] ^= 0x10
+    model.write_bytes(bytes(data))
+    code, out, err = run(capsys, real_photo_path("rocket.jpg"), "--json")
+    assert code == 0, err
+    assert json_lines(out)[0]["model"] == {"name": "shop", "version": 1}
+    assert len(err.splitlines()) == 1 and err.startswith("edge-classify: warning: the current version is damaged (")
+    assert "using shop v1 instead" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("pointer", [b"", b"[]", b"null", b"\x8f\x00garbage", b'{"current": {"name": "shop", "ver'])
+def test_a_damaged_pointer_file_is_rebuilt_and_the_newest_intact_version_answers(device, int8_bundle, tmp_path, publisher,
+                                                                                 capsys, pointer):
+    _two_versions(capsys, int8_bundle, tmp_path, publisher)
+    (device / "state.json").write_bytes(pointer)
+    code, out, err = run(capsys, real_photo_path("rocket.jpg"), "--json")
+    assert code == 0, err
+    assert json_lines(out)[0]["model"] == {"name": "shop", "version": 2}
+    assert len(err.splitlines()) == 1 and "was damaged" in err and "current shop v2, previous shop v1" in err
+    assert json.loads((device / "state.json").read_text())["current"] == {"name": "shop", "version": 2}
+    code, out, err = run(capsys, "models", "list")
+    assert (code, err) == (0, "") and out.splitlines() == ["shop  v1  previous", "shop  v2  current"]
