@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .claims import claimed_tempfile
 from .errors import NotFoundError
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -48,13 +48,13 @@ class ArtifactStore:
             raise NotFoundError(f"no artifact with content hash {sha256}", code="unknown_artifact")
         return path
 
-    def put_file(self, source: str | Path) -> Artifact:
-        """Store a copy of `source` (if its content is new) and return its hash and size."""
+    def put_file(self, source: str | Path, *, verify_existing: bool = False) -> Artifact:
+        """Store a copy of `source` (if its content is new) and return its hash and size.
+
+        `verify_existing` re-reads a stored copy of the same content and replaces it when it is damaged
+        (publishing a version again restores what `sync-server check` found missing or damaged)."""
         source = Path(source)
-        staging_dir = self.root / "tmp"
-        staging_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=".incoming-", dir=staging_dir)
-        tmp = Path(tmp_name)
+        fd, tmp, claim = claimed_tempfile(self.staging_dir, ".incoming-")
         digest = hashlib.sha256()
         size = 0
         try:
@@ -67,7 +67,9 @@ class ArtifactStore:
                 os.fsync(out.fileno())
             artifact = Artifact(digest.hexdigest(), size)
             final = self.path_of(artifact.sha256)
-            if final.is_file() and final.stat().st_size == size:
+            if final.is_file() and final.stat().st_size == size and (
+                not verify_existing or sha256_file(final) == artifact.sha256
+            ):
                 tmp.unlink()
                 return artifact
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -77,7 +79,30 @@ class ArtifactStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        finally:
+            claim.release()
 
+    @property
+    def staging_dir(self) -> Path:
+        """Where copies are written before they are renamed into place (claimed: see `claims`)."""
+        return self.root / "tmp"
+
+    def stored(self) -> list[Path]:
+        """Every stored artifact file (for `sync-server check`)."""
+        root = self.root / "sha256"
+        if not root.is_dir():
+            return []
+        return sorted(p for p in root.glob("*/*") if p.is_file() or p.is_symlink())
+
+    def is_whole(self, sha256: str, size: int | None = None) -> bool:
+        """Whether the stored artifact exists and its content still hashes to its name (reads it all)."""
+        path = self.path_of(sha256)
+        try:
+            if size is not None and path.stat().st_size != size:
+                return False
+            return sha256_file(path) == sha256
+        except OSError:
+            return False
 
     def remove(self, sha256: str) -> int:
         """Delete a stored artifact (no longer referenced); returns the bytes freed (0 if absent)."""

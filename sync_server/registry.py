@@ -1,15 +1,19 @@
 """The model registry: publish verified bundles with their SavedModels, and look them up.
 
 Publishing is idempotent: the same bundle and SavedModel published again answer with the existing
-version; the same name and version with other content is refused (409 `version_conflict`). Files go
-in place before the database row is written, so every recorded version has its artifacts and its
-SavedModel folder in the TF Serving repository.
+version (and put back any of its files that went missing or were damaged); the same name and version
+with other content is refused (409 `version_conflict`).
+
+Across instances (one database, one data directory) a publish holds the lock of its (model, version)
+(`locks.PublishLocks`) from the check for an existing row until the row is committed, so exactly one
+instance moves files for a version and the others find its row. Files go in place before the row is
+written, so every recorded version has its artifacts and its SavedModel folder; a folder whose row
+could not be written is removed again.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,6 +29,7 @@ from .bundles import check_saved_model, verify_bundle
 from .db import Database, iso
 from .errors import ConflictError, NotFoundError
 from .models import Channel, DeletedVersion, Device, DeviceStatus, Model, ModelVersion, VersionFile
+from .locks import PublishLocks
 from .serving_repo import ServingRepository
 
 log = logging.getLogger("sync_server.registry")
@@ -54,12 +59,13 @@ class VersionInfo:
 class Registry:
     """Published models and versions."""
 
-    def __init__(self, db: Database, artifacts: ArtifactStore, repository: ServingRepository, keys: Sequence[Any]) -> None:
+    def __init__(self, db: Database, artifacts: ArtifactStore, repository: ServingRepository, keys: Sequence[Any],
+                 locks: PublishLocks | None = None) -> None:
         self.db = db
         self.artifacts = artifacts
         self.repository = repository
         self.keys = list(keys)
-        self._publish_lock = threading.Lock()
+        self.locks = locks or PublishLocks(db, repository.root.parent)
         self._infos: dict[tuple[str, int], VersionInfo] = {}
 
     # --- publishing -----------------------------------------------------------------------------
@@ -68,50 +74,72 @@ class Registry:
         """Verify and store a bundle and its SavedModel; see the module docstring."""
         bundle = verify_bundle(Path(bundle_dir), self.keys)
         saved_model = check_saved_model(Path(saved_model_dir), bundle)
-        with self._publish_lock:  # one publish at a time in this process; the DB guards across processes
-            existing = self._existing(bundle.name, bundle.version)
+        name, version = bundle.name, bundle.version
+        # One winner per (model, version) across instances, chosen before any file moves.
+        with self.locks.version(name, version):
+            existing = self._existing(name, version)
             if existing is not None:
-                return self._same_or_conflict(existing, bundle.manifest_sha256, saved_model.digest, bundle.name, bundle.version)
-            deleted = self._deleted(bundle.name, bundle.version)
+                result = self._same_or_conflict(existing, bundle.manifest_sha256, saved_model.digest, name, version)
+                self._restore(bundle, saved_model)
+                return result
+            deleted = self._deleted(name, version)
             if deleted is not None:  # only the same content may come back under a deleted number
-                self._same_or_conflict(deleted, bundle.manifest_sha256, saved_model.digest, bundle.name, bundle.version,
-                                       deleted=True)
-            stored = {name: self.artifacts.put_file(path) for name, path in bundle.files.items()}
-            self.repository.install(bundle.name, bundle.version, saved_model.path, saved_model.digest)
+                self._same_or_conflict(deleted, bundle.manifest_sha256, saved_model.digest, name, version, deleted=True)
+            stored = {file: self.artifacts.put_file(path) for file, path in bundle.files.items()}
+            placed = self.repository.install(name, version, saved_model.path, saved_model.digest)
             try:
-                with self.db.write() as session:
-                    model = session.scalar(select(Model).where(Model.name == bundle.name))
-                    if model is None:
+                self._record(bundle, saved_model.digest, stored)
+            except BaseException as exc:
+                if placed:  # not recorded: TF Serving must not keep a folder the registry does not name
+                    self.repository.remove(name, version)
+                if isinstance(exc, IntegrityError):  # an instance on another data dir recorded it meanwhile
+                    existing = self._existing(name, version)
+                    if existing is not None:
+                        return self._same_or_conflict(existing, bundle.manifest_sha256, saved_model.digest, name, version)
+                raise
+            # A version deleted meanwhile (its own lock) may have taken a file this one shares.
+            for file, path in bundle.files.items():
+                if not self.artifacts.path_of(stored[file].sha256).is_file():
+                    self.artifacts.put_file(path)
+        log.info("published", extra={"model": name, "version": version, "key_id": bundle.key_id})
+        return PublishResult(name, version, True)
+
+    def _record(self, bundle: Any, digest: str, stored: dict[str, Any]) -> None:
+        with self.db.write() as session:
+            model = session.scalar(select(Model).where(Model.name == bundle.name))
+            if model is None:  # two instances may create a new model at once (other versions): a savepoint
+                try:
+                    with session.begin_nested():
                         model = Model(name=bundle.name)
                         session.add(model)
-                        session.flush()
-                    tombstone = session.get(DeletedVersion, (model.id, bundle.version))
-                    if tombstone is not None:  # the same content comes back (checked above)
-                        session.delete(tombstone)
-                    row = ModelVersion(
-                        model_id=model.id,
-                        version=bundle.version,
-                        manifest_sha256=bundle.manifest_sha256,
-                        manifest=bundle.manifest,
-                        saved_model_digest=saved_model.digest,
-                        labels=list(bundle.labels),
-                        float_spec=bundle.float_spec.to_dict(),
-                    )
-                    session.add(row)
-                    session.flush()
-                    for name, artifact in stored.items():
-                        session.add(VersionFile(version_id=row.id, name=name, sha256=artifact.sha256, size=artifact.size))
-            except IntegrityError:  # another instance published the same version meanwhile
-                existing = self._existing(bundle.name, bundle.version)
-                if existing is None:
-                    raise
-                return self._same_or_conflict(existing, bundle.manifest_sha256, saved_model.digest, bundle.name, bundle.version)
-            # A version deleted meanwhile (on another instance) may have taken a file this one shares.
-            for name, path in bundle.files.items():
-                if not self.artifacts.path_of(stored[name].sha256).is_file():
-                    self.artifacts.put_file(path)
-        log.info("published", extra={"model": bundle.name, "version": bundle.version, "key_id": bundle.key_id})
-        return PublishResult(bundle.name, bundle.version, True)
+                except IntegrityError:
+                    model = session.scalar(select(Model).where(Model.name == bundle.name))
+                    if model is None:
+                        raise
+            tombstone = session.get(DeletedVersion, (model.id, bundle.version))
+            if tombstone is not None:  # the same content comes back (checked by the caller)
+                session.delete(tombstone)
+            row = ModelVersion(
+                model_id=model.id,
+                version=bundle.version,
+                manifest_sha256=bundle.manifest_sha256,
+                manifest=bundle.manifest,
+                saved_model_digest=digest,
+                labels=list(bundle.labels),
+                float_spec=bundle.float_spec.to_dict(),
+            )
+            session.add(row)
+            session.flush()
+            for name, artifact in stored.items():
+                session.add(VersionFile(version_id=row.id, name=name, sha256=artifact.sha256, size=artifact.size))
+
+    def _restore(self, bundle: Any, saved_model: Any) -> None:
+        """The same version published again: put back any file `sync-server check` would find missing
+        or damaged (an artifact, the SavedModel folder)."""
+        for path in bundle.files.values():
+            self.artifacts.put_file(path, verify_existing=True)
+        if self.repository.install(bundle.name, bundle.version, saved_model.path, saved_model.digest):
+            log.warning("restored the SavedModel folder", extra={"model": bundle.name, "version": bundle.version})
 
     def _existing(self, name: str, version: int) -> tuple[str, str] | None:
         with self.db.read() as session:
@@ -153,7 +181,7 @@ class Registry:
         still lists it. The number stays taken (see `DeletedVersion`). `dry_run` checks all that and
         deletes nothing."""
         served = self.repository.written().get(name)
-        with self._publish_lock:
+        with self.locks.version(name, version):
             with self.db.write() as session:
                 row = find_version(session, name, version)
                 model_id = row.model_id

@@ -16,6 +16,7 @@ from .bundles import load_trusted_keys
 from .config import ServerConfig
 from .db import Database
 from .devices import Devices
+from .locks import PublishLocks
 from .metrics import Metrics
 from .predict.base import Predictor
 from .push import PushHub, watch_revision
@@ -58,7 +59,7 @@ class Services:
         artifacts = ArtifactStore(config.artifacts_dir)
         repository = ServingRepository(config.serving_dir, config.tf_serving.base_path)
         keys = load_trusted_keys(config.publisher_keys, config.trusted_keys_dir)
-        registry = Registry(db, artifacts, repository, keys)
+        registry = Registry(db, artifacts, repository, keys, PublishLocks(db, config.data_dir))
         hub = PushHub()
         metrics = Metrics()
         if predictor is None and with_predictor:

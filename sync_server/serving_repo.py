@@ -22,11 +22,11 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from .claims import claimed_tempdir, claimed_tempfile
 from .errors import BundleRejectedError
 
 #: Files of an export folder that TF Serving does not need (the tf_keras model duplicates the weights).
@@ -62,33 +62,55 @@ class ServingRepository:
     def path_of(self, name: str, version: int) -> Path:
         return self.models_dir / name / str(version)
 
-    def install(self, name: str, version: int, saved_model_dir: Path, digest: str) -> Path:
-        """Copy a SavedModel to `models/NAME/VERSION/` (temporary folder, then rename). Idempotent.
+    def install(self, name: str, version: int, saved_model_dir: Path, digest: str) -> bool:
+        """Put a SavedModel at `models/NAME/VERSION/` whose content digest is `digest`; True when it
+        placed a new folder, False when one with that content was there already.
 
-        An existing folder with the same content digest is kept; one with other content (left by a
-        publish that failed before it was recorded) is replaced.
+        The copy goes to a hidden incoming folder (TF Serving ignores names that are not numbers), is
+        fsynced, hashed and compared with `digest`, and only then renamed into place: TF Serving never
+        lists a folder with other content than the registry records. A folder with other content (left
+        by a publish that was killed before it was recorded) is replaced. The caller holds the publish
+        lock of this version (`PublishLocks.version`), so no other instance writes it meanwhile.
+        Folders are 0755 and files 0644: TF Serving often runs as another user.
         """
         target = self.path_of(name, version)
-        if target.is_dir() and saved_model_digest(target) == digest:
-            return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{version}-incoming-", dir=target.parent))
+        if target.is_dir() and _digest_or_none(target) == digest:
+            _make_readable(target)
+            return False
+        _make_dirs(target.parent)
+        staging, claim = claimed_tempdir(target.parent, f".{version}-incoming-")
         try:
             for entry in sorted(saved_model_dir.iterdir()):
                 if entry.name in _SKIP_IN_REPOSITORY or entry.name.startswith("."):
                     continue
                 if entry.is_dir():
-                    shutil.copytree(entry, staging / entry.name)
+                    shutil.copytree(entry, staging / entry.name, symlinks=False)
                 else:
-                    shutil.copy2(entry, staging / entry.name)
+                    shutil.copyfile(entry, staging / entry.name)
+            _make_readable(staging)
             _fsync_tree(staging)
+            copied = _digest_or_none(staging)
+            if copied != digest:
+                raise BundleRejectedError(
+                    f"the copy of the SavedModel for version {version} of {name} does not match the one that was "
+                    "checked (it changed while it was copied); publish again",
+                    code="saved_model_changed",
+                )
             if target.exists():  # stale leftover with other content: move it aside, then replace
                 _discard(target, f".{version}-stale-")
             os.replace(staging, target)
+            _fsync_dir(target.parent)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        return target
+        finally:
+            claim.release()
+        return True
+
+    def content_digest(self, name: str, version: int) -> str | None:
+        """The content digest of a version's folder; None when it is missing or holds no SavedModel."""
+        target = self.path_of(name, version)
+        return _digest_or_none(target) if target.is_dir() else None
 
     def remove(self, name: str, version: int) -> int:
         """Delete a version's SavedModel folder (moved aside first, so TF Serving never sees half of
@@ -202,8 +224,7 @@ def _sha256(path: Path) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp, claim = claimed_tempfile(path.parent, f".{path.name}.")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
@@ -212,16 +233,56 @@ def _atomic_write(path: Path, text: str) -> None:
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    finally:
+        claim.release()
 
 
 def _discard(folder: Path, prefix: str) -> None:
     """Remove a version folder in one rename (into a hidden trash folder beside it, which TF Serving
     ignores), then delete it: TF Serving never sees half of one."""
-    trash = Path(tempfile.mkdtemp(prefix=prefix, dir=folder.parent))
-    os.replace(folder, trash / "old")
-    shutil.rmtree(trash, ignore_errors=True)
+    trash, claim = claimed_tempdir(folder.parent, prefix)
+    try:
+        os.replace(folder, trash / "old")
+        shutil.rmtree(trash, ignore_errors=True)
+    finally:
+        claim.release()
+
+
+def _digest_or_none(folder: Path) -> str | None:
+    try:
+        return saved_model_digest(folder)
+    except (BundleRejectedError, OSError):
+        return None
+
+
+def _make_dirs(folder: Path) -> None:
+    """`folder` and its missing parents, 0755 whatever the umask."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        path.mkdir(exist_ok=True)
+        os.chmod(path, 0o755)
+
+
+def _make_readable(root: Path) -> None:
+    """Folders 0755, files 0644 (mkdtemp makes 0700; uploads may carry 0600): TF Serving may run as another user."""
+    os.chmod(root, 0o755)
+    for path in root.rglob("*"):
+        if path.is_symlink():
+            continue
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_tree(root: Path) -> None:

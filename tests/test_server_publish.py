@@ -210,3 +210,19 @@ def test_a_publisher_key_file_may_hold_a_key_ring(publisher, tmp_path):
         assert len(server.services.registry.keys) == 2
         assert server.publish(publisher.bundles[1], publisher.saved_model).status_code == 201
         assert server.publish(publisher.stranger, publisher.saved_model).status_code == 201
+
+
+def test_tf_serving_can_read_what_the_server_writes_when_it_runs_as_another_user(publisher, tmp_path):
+    """TF Serving often runs as its own user: version folders are 0755 and their files 0644, even when
+    the upload carried private modes."""
+    private = copy_saved_model(publisher.saved_model, tmp_path / "private")
+    for path in [private, *private.rglob("*")]:
+        path.chmod(0o700 if path.is_dir() else 0o600)
+    with running_server(server_config(tmp_path / "data", None, publisher)) as server:
+        server.services.registry.publish(publisher.bundles[1], private)
+        repository = server.services.repository
+        version_dir = repository.path_of(MODEL, 1)
+        for folder in (repository.models_dir, version_dir.parent, version_dir, *(p for p in version_dir.rglob("*") if p.is_dir())):
+            assert oct(folder.stat().st_mode & 0o777) == "0o755", folder
+        files = [p for p in version_dir.rglob("*") if p.is_file()]
+        assert files and all(oct(f.stat().st_mode & 0o777) == "0o644" for f in files)
