@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING
 from ._lazy import lazy_exports
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ._budget import DEFAULT_BUDGET, DecodeBudget, release_freed_memory
     from ._decode import DEFAULT_LIMITS, DecodeLimits, ImageSource, load_image, read_source
-    from ._errors import ERROR_CODES, InvalidImageError, PreprocessingError, SpecError
+    from ._errors import ERROR_CODES, DecodeBusyError, InvalidImageError, PreprocessingError, SpecError
     from ._folders import DatasetError, LabeledImages, list_images, list_labeled_images, read_labels
     from ._prepare import prepare, preprocess
     from ._sniff import ACCEPTED_FORMATS, sniff_format
@@ -24,8 +25,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # Private module -> the public names it defines.
 _EXPORTS: dict[str, tuple[str, ...]] = {
+    "_budget": ("DEFAULT_BUDGET", "DecodeBudget", "release_freed_memory"),
     "_decode": ("DEFAULT_LIMITS", "DecodeLimits", "ImageSource", "load_image", "read_source"),
-    "_errors": ("ERROR_CODES", "InvalidImageError", "PreprocessingError", "SpecError"),
+    "_errors": ("ERROR_CODES", "DecodeBusyError", "InvalidImageError", "PreprocessingError", "SpecError"),
     "_folders": ("DatasetError", "LabeledImages", "list_images", "list_labeled_images", "read_labels"),
     "_prepare": ("prepare", "preprocess"),
     "_sniff": ("ACCEPTED_FORMATS", "sniff_format"),
@@ -36,9 +38,12 @@ __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 
 __all__ = [
     "ACCEPTED_FORMATS",
+    "DEFAULT_BUDGET",
     "DEFAULT_LIMITS",
     "DTYPES",
     "DatasetError",
+    "DecodeBudget",
+    "DecodeBusyError",
     "DecodeLimits",
     "ERROR_CODES",
     "FIT_POLICIES",
@@ -56,5 +61,6 @@ __all__ = [
     "preprocess",
     "read_labels",
     "read_source",
+    "release_freed_memory",
     "sniff_format",
 ]

@@ -2,6 +2,8 @@
 
     PreprocessingError            base of everything this package raises
     ├── InvalidImageError         (ValueError) the photo cannot be used; `.code` says why
+    ├── DecodeBusyError           the decode budget stayed full for its whole wait: the photo is fine,
+    │                             the process is busy (a server answers 503 with Retry-After)
     └── SpecError                 (ValueError) a PreprocessSpec or its JSON is malformed
 
 `InvalidImageError.code` is short and machine-readable, for JSON output and HTTP error bodies; the
@@ -39,6 +41,26 @@ class InvalidImageError(PreprocessingError, ValueError):
         super().__init__(message)
         self.code = code
         self.message = message
+
+    def to_dict(self) -> dict[str, str]:
+        """The `{code, message}` object used in JSON output and HTTP error bodies."""
+        return {"code": self.code, "message": self.message}
+
+
+class DecodeBusyError(PreprocessingError):
+    """Raised when a `DecodeBudget` had no room for a photo during the whole wait.
+
+    Not a bad photo: the same photo decodes once other decodes finish. `code` is always `busy`;
+    `retry_after_s` is a suggestion for the caller's Retry-After.
+    """
+
+    code = "busy"
+
+    def __init__(self, message: str, *, waited_s: float = 0.0, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.message = message
+        self.waited_s = waited_s
+        self.retry_after_s = retry_after_s
 
     def to_dict(self) -> dict[str, str]:
         """The `{code, message}` object used in JSON output and HTTP error bodies."""

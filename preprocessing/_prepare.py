@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from ._decode import DEFAULT_LIMITS, DecodeLimits, ImageSource, decode_upright
+from ._budget import DEFAULT_BUDGET, DecodeBudget
+from ._decode import DEFAULT_LIMITS, DecodeLimits, ImageSource, decode_then
 from ._spec import PreprocessSpec
 
 _FILTERS = {
@@ -42,15 +43,27 @@ def preprocess(
     *,
     limits: DecodeLimits = DEFAULT_LIMITS,
     threads: int | None = None,
+    budget: DecodeBudget | None = DEFAULT_BUDGET,
 ) -> np.ndarray:
     """Decode `source` and prepare it: the one path every part of the system uses for a photo.
 
     `threads` bounds the cores one big JPEG's decode may use (default: two where there are two);
     it changes the speed, never the tensor. Callers that already decode photos in parallel pass 1.
+    The decode and the resize run inside `budget` (see `load_image`); a busy budget raises
+    `DecodeBusyError`, a photo larger than the whole budget `InvalidImageError("too_large")`.
     """
     draft = spec.size if spec.jpeg_draft else None
     # Same steps as prepare(load_image(...)), without turning the decoded photo into an array and back.
-    return _prepare_image(decode_upright(source, limits=limits, draft_size=draft, threads=threads), spec)
+    return decode_then(
+        source, lambda image: _prepare_image(image, spec), limits=limits, draft_size=draft, threads=threads,
+        budget=budget, use_bytes=lambda size: _fit_bytes(size, spec),
+    )
+
+
+def _fit_bytes(size: tuple[int, int], spec: PreprocessSpec) -> int:
+    """What `_prepare_image` allocates for a picture of `size`: the resize's intermediate rows and outputs."""
+    target = spec.width * spec.height
+    return spec.width * size[1] * 4 + target * 4 * 2 + target * 3 * 4 * 3
 
 
 def _fit(image: Image.Image, spec: PreprocessSpec) -> Image.Image:

@@ -231,3 +231,32 @@ def test_a_text_mode_file_object_is_a_programming_error(tmp_path):
         load_image(handle)
     with pytest.raises(TypeError, match="path, bytes or a binary file"):
         load_image(12345)  # type: ignore[arg-type]
+
+
+def _png_with_orientation(upright: Image.Image, orientation: int, *, after_pixels: bool) -> bytes:
+    """A PNG whose eXIf chunk says `orientation`, before the pixel data or (as some tools write it) after."""
+    import struct
+    import zlib
+
+    inverse = {6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270, 3: Image.Transpose.ROTATE_180}[orientation]
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(upright.transpose(inverse), "PNG", exif=exif.tobytes())
+    if not after_pixels:
+        return data
+    start = data.index(b"eXIf") - 4
+    length = struct.unpack(">I", data[start:start + 4])[0]
+    chunk = data[start:start + 12 + length]
+    rest = data[:start] + data[start + len(chunk):]
+    end = rest.index(b"IEND") - 4
+    assert zlib.crc32(chunk[4:-4]) == struct.unpack(">I", chunk[-4:])[0]
+    return rest[:end] + chunk + rest[end:]
+
+
+@pytest.mark.parametrize("after_pixels", [False, True])
+@pytest.mark.parametrize("orientation", [3, 6])
+def test_a_png_with_exif_orientation_is_turned_upright(chelsea, orientation, after_pixels):
+    data = _png_with_orientation(chelsea, orientation, after_pixels=after_pixels)
+    assert np.array_equal(load_image(data), np.asarray(chelsea))
+    small = load_image(data, draft_size=(64, 64))
+    assert small.shape == (300, 451, 3)  # only 2x the target per side: not reduced
