@@ -12,6 +12,10 @@ setup(
         Extension(
             "preprocessing._jpeg8",
             sources=["preprocessing/_jpeg8.c"],
+            # No -fwrapv here on purpose: Python's own CFLAGS happen to pass it, but the decoder does
+            # not rely on it. Its only sums that can pass the int range on hostile input (the DC
+            # predictors) are unsigned; fuzz/ builds it with -fsanitize=undefined and without
+            # -fwrapv, and tests/test_fast_jpeg.py does the same on inputs that used to overflow.
             extra_compile_args=["-O2", "-pthread"],
             extra_link_args=["-pthread"],
             optional=True,

@@ -4,8 +4,9 @@ A 12-megapixel phone photo spends nearly all its decode time in the serial Huffm
 bitstream, even at 1/8 scale. The C module `_jpeg8` splits that work across two threads (see the
 comment at the top of `_jpeg8.c`) and replicates libjpeg-turbo's scaled IDCT and colour arithmetic,
 so the result is bit-identical: this is an accelerator, not a second implementation. Anything it
-does not reproduce exactly (progressive, CMYK, 4:2:2, damaged data, ...) it declines, and Pillow
-decodes the photo as before. Where the module could not be compiled, Pillow decodes everything.
+does not reproduce exactly (progressive, CMYK, 4:2:2, damaged data, anything libjpeg would refuse,
+...) it declines, and Pillow decodes the photo as before: its verdict is libjpeg's. So does a decode
+past `MAX_IN_FLIGHT`. Where the module could not be compiled, Pillow decodes everything.
 """
 
 from __future__ import annotations
@@ -30,10 +31,35 @@ def available() -> bool:
 
 _CORES = os.cpu_count() or 1
 
+#: Fast decodes allowed at once. Each uses two threads and up to ~125 MiB of scratch memory (a 200 MP
+#: frame; ~20 MiB for a 12 MP photo); one more than this is declined at once and Pillow decodes it
+#: (slower, leaner). Two decodes on two cores gain nothing over one, so: one per two cores.
+ENV_IN_FLIGHT = "EDGE_CLASSIFY_FAST_JPEG_IN_FLIGHT"
+#: Scratch memory the decoder keeps between calls (fresh pages cost a page fault each): enough for a
+#: 12 MP photo; a bigger frame's buffers are freed when its call returns.
+KEEP_BYTES = 32 * 1024 * 1024
+
+
+def _max_in_flight() -> int:
+    configured = os.environ.get(ENV_IN_FLIGHT, "")
+    if configured.isdigit() and int(configured) >= 1:
+        return int(configured)
+    return max(1, _CORES // 2)
+
+
+MAX_IN_FLIGHT = _max_in_flight()
+if _jpeg8 is not None:
+    _jpeg8.set_limits(MAX_IN_FLIGHT, KEEP_BYTES)
+
 
 def default_threads() -> int:
     """Two threads where there are two cores, else one."""
     return 2 if _CORES >= 2 else 1
+
+
+def memory_stats(reset_peak: bool = False) -> dict[str, int]:
+    """The decoder's scratch memory (kept between calls, in use, peak in use) and decodes in flight."""
+    return _jpeg8.memory_stats(reset_peak) if _jpeg8 is not None else {}
 
 
 def decode_draft(data: bytes, image: Image.Image, threads: int | None = None) -> Image.Image | None:

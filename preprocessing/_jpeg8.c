@@ -25,10 +25,13 @@
  * straight to RGB, on both threads once the decode is done, and by the first thread early while the
  * second one is still decoding.
  */
+#ifndef JPEG8_NO_PYTHON /* fuzz/ builds the decoder alone (see fuzz/README.md) */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#endif
 
 #include <pthread.h>
+#include <stddef.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -42,6 +45,8 @@
 #define PUBLISH_EVERY 64
 #define MIN_PARALLEL_BYTES (256 * 1024)
 #define MAX_PIXELS ((int64_t)200 * 1000 * 1000)
+#define JPEG_MAX_DIMENSION 65500 /* jmorecfg.h: libjpeg refuses wider or taller frames */
+#define MAX_SAMP_FACTOR 4        /* jpeglib.h: sampling factors are 1..4 */
 
 typedef struct {
     uint16_t fast[1 << FAST_BITS]; /* (length << 8) | symbol; 0 when the code is longer */
@@ -202,6 +207,14 @@ static inline int huff_decode(const Huff *h, uint64_t w, int *len)
     return -1;
 }
 
+/* The signed 16-bit value of the low 16 bits of v: what libjpeg's (JCOEF) cast of an int gives, written
+ * without any conversion that is implementation-defined. */
+static inline int as_int16(uint32_t v)
+{
+    int x = (int)(v & 0xFFFF);
+    return x - ((x & 0x8000) << 1);
+}
+
 static inline int extend(uint32_t v, int s)
 {
     /* v below 2^(s-1) is negative: v - 2^s + 1, without a branch (sign bits are data, unpredictable) */
@@ -349,7 +362,7 @@ decode_block(const uint8_t *buf, uint64_t pos, const Huff *dc, const Huff *ac, c
     if (de) { /* the usual case: code and difference in one lookup */
         used = de & 31;
         w <<= used;
-        diff = (int16_t)(de >> 16);
+        diff = as_int16(de >> 16);
     } else {
         s = huff_decode(dc, w, &len);
         if (s < 0 || s > 15) return BAD;
@@ -402,7 +415,7 @@ decode_block(const uint8_t *buf, uint64_t pos, const Huff *dc, const Huff *ac, c
             k += (e >> 5) & 127;
             if (k > 64 && !(e & AC_ZRL)) return BAD;
             if (acc && !(e & AC_ZRL)) {
-                int v = (int16_t)(e >> 16);
+                int v = as_int16(e >> 16);
                 if (check_fast) declined |= outside16(v * qz[k - 1]);
                 acc[ACC_OF_ZIGZAG[k - 1]] += v * kq[k - 1];
             }
@@ -490,11 +503,19 @@ static inline void put_rgb(uint8_t *o, int y, int cb, int cr)
     o[2] = SATURATE[384 + y + CB_B[cb]];
 }
 
+/* DC predictors. libjpeg-turbo sums DC differences in an int (jdhuff.c decode_mcu: `s +=
+ * last_dc_val[ci]`) and stores the coefficient as a 16-bit JCOEF. On damaged data (65,538 blocks of
+ * differences of 32,767, say) that sum overflows; libjpeg-turbo lets it wrap (it silences UBSan there),
+ * so only its low 16 bits ever reach the pixels. Here the sum is unsigned (wraps by definition, no
+ * undefined behaviour, no reliance on -fwrapv) and as_int16 takes the same low 16 bits. */
+typedef uint32_t Pred;
+static inline int pred_value(Pred p) { return as_int16(p); }
+
 /* Where 4:2:0 MCUs become RGB: the output, and the DC predictors before the next MCU. */
 typedef struct {
     uint8_t *out;
     int out_w, out_h;
-    int pred[MAX_COMPS];
+    Pred pred[MAX_COMPS];
     int declined; /* a block libjpeg-turbo's SIMD code would compute differently: use Pillow */
 } Emit;
 
@@ -503,20 +524,20 @@ static inline void emit_420(const Jpeg *j, Emit *e, int mx, int my, const int16_
 {
     const int qy = j->qt[j->comp[0].tq][0], qcb = j->qt[j->comp[1].tq][0], qcr = j->qt[j->comp[2].tq][0];
     uint8_t yv[2][2], cb[2][2], cr[2][2];
-    int py = e->pred[0];
-    py += d[0];
-    yv[0][0] = IDCT_LIMIT[DESCALE((int64_t)((int16_t)py * qy), 3) & 1023];
-    py += d[1];
-    yv[0][1] = IDCT_LIMIT[DESCALE((int64_t)((int16_t)py * qy), 3) & 1023];
-    py += d[2];
-    yv[1][0] = IDCT_LIMIT[DESCALE((int64_t)((int16_t)py * qy), 3) & 1023];
-    py += d[3];
-    yv[1][1] = IDCT_LIMIT[DESCALE((int64_t)((int16_t)py * qy), 3) & 1023];
+    Pred py = e->pred[0];
+    py += (Pred)d[0];
+    yv[0][0] = IDCT_LIMIT[DESCALE((int64_t)pred_value(py) * qy, 3) & 1023];
+    py += (Pred)d[1];
+    yv[0][1] = IDCT_LIMIT[DESCALE((int64_t)pred_value(py) * qy, 3) & 1023];
+    py += (Pred)d[2];
+    yv[1][0] = IDCT_LIMIT[DESCALE((int64_t)pred_value(py) * qy, 3) & 1023];
+    py += (Pred)d[3];
+    yv[1][1] = IDCT_LIMIT[DESCALE((int64_t)pred_value(py) * qy, 3) & 1023];
     e->pred[0] = py;
-    e->pred[1] += d[4];
-    e->declined |= !idct2x2_pass2(ws, (int16_t)e->pred[1] * qcb, cb);
-    e->pred[2] += d[5];
-    e->declined |= !idct2x2_pass2(ws + 10, (int16_t)e->pred[2] * qcr, cr);
+    e->pred[1] += (Pred)d[4];
+    e->declined |= !idct2x2_pass2(ws, pred_value(e->pred[1]) * qcb, cb);
+    e->pred[2] += (Pred)d[5];
+    e->declined |= !idct2x2_pass2(ws + 10, pred_value(e->pred[2]) * qcr, cr);
     const size_t stride = (size_t)e->out_w * 3;
     int x = 2 * mx, y = 2 * my;
     int cols = e->out_w - x >= 2 ? 2 : e->out_w - x, rows = e->out_h - y >= 2 ? 2 : e->out_h - y;
@@ -547,28 +568,60 @@ static void render_mcus_420(const Jpeg *j, Emit *e, int m0, int m1)
 }
 
 /* ---- buffer pool ------------------------------------------------------------------------------- */
-/* A 12-megapixel photo needs about 10 MB of scratch memory. Fresh pages cost a page fault each
- * (milliseconds per photo), so the last buffers of each kind are kept for the next photo. */
+/* A 12-megapixel photo needs about 20 MB of scratch memory. Fresh pages cost a page fault each
+ * (milliseconds per photo), so the last buffers of each kind are kept for the next photo, but never
+ * more than POOL_KEEP_BYTES in all: what a 12 MP photo needs stays, the buffers of a rare 50 or
+ * 200 MP frame go back to the system after its call. The counters below say what is kept, what is
+ * in use and the most that was in use at once (memory_stats()). */
 enum { POOL_BUF, POOL_RST, POOL_DC, POOL_WS, POOL_REC, POOL_DC2, POOL_WS2, POOL_PLANES, POOL_KINDS };
+#define POOL_KEEP_BYTES_DEFAULT ((size_t)32 << 20)
 static pthread_mutex_t POOL_LOCK = PTHREAD_MUTEX_INITIALIZER;
 static void *POOL_PTR[POOL_KINDS];
 static size_t POOL_SIZE[POOL_KINDS];
+static size_t POOL_KEEP_BYTES = POOL_KEEP_BYTES_DEFAULT;
+static size_t POOL_KEPT;        /* bytes in POOL_PTR */
+static size_t SCRATCH_IN_USE;   /* bytes handed out by pool_get and not yet put back */
+static size_t SCRATCH_PEAK;     /* the most SCRATCH_IN_USE has been since the last reset */
 
-/* A child forked while another thread held the lock would wait on it forever. */
-static void pool_after_fork_in_child(void) { pthread_mutex_init(&POOL_LOCK, NULL); }
+/* Decodes in flight at once (each uses up to two threads and its scratch memory); a decode past the
+ * limit is declined at once, and the caller's slower, leaner path (Pillow) decodes that photo. */
+static atomic_int IN_FLIGHT;
+static atomic_int IN_FLIGHT_PEAK;
+static int MAX_IN_FLIGHT = 2;
+
+/* A child forked while another thread held the lock would wait on it forever; the other thread's
+ * decode does not exist in the child. */
+static void pool_after_fork_in_child(void)
+{
+    pthread_mutex_init(&POOL_LOCK, NULL);
+    atomic_store(&IN_FLIGHT, 0);
+    SCRATCH_IN_USE = 0;
+}
 
 static void *pool_get(int kind, size_t size)
 {
     void *p = NULL;
+    size_t have = size;
     pthread_mutex_lock(&POOL_LOCK);
     if (POOL_PTR[kind] && POOL_SIZE[kind] >= size) {
         p = POOL_PTR[kind];
+        have = POOL_SIZE[kind];
         POOL_PTR[kind] = NULL;
+        POOL_KEPT -= have;
     }
+    SCRATCH_IN_USE += have;
+    if (SCRATCH_IN_USE > SCRATCH_PEAK) SCRATCH_PEAK = SCRATCH_IN_USE;
     pthread_mutex_unlock(&POOL_LOCK);
     if (p) return p;
-    size_t *block = malloc(size + 16);
-    if (!block) return NULL;
+    if (size > SIZE_MAX - 16) p = NULL;
+    else p = malloc(size + 16);
+    if (!p) {
+        pthread_mutex_lock(&POOL_LOCK);
+        SCRATCH_IN_USE -= have;
+        pthread_mutex_unlock(&POOL_LOCK);
+        return NULL;
+    }
+    size_t *block = p;
     block[0] = size;
     return (char *)block + 16;
 }
@@ -577,16 +630,52 @@ static void pool_put(int kind, void *p)
 {
     if (!p) return;
     size_t *block = (size_t *)((char *)p - 16);
+    size_t size = block[0];
+    void *drop = p;
     pthread_mutex_lock(&POOL_LOCK);
-    if (!POOL_PTR[kind] || POOL_SIZE[kind] < block[0]) {
-        void *old = POOL_PTR[kind];
+    SCRATCH_IN_USE -= size;
+    size_t old = POOL_PTR[kind] ? POOL_SIZE[kind] : 0;
+    /* keep the larger buffer of the kind, if what is kept stays within the cap */
+    if (size > old && POOL_KEPT - old + size <= POOL_KEEP_BYTES) {
+        drop = POOL_PTR[kind];
         POOL_PTR[kind] = p;
-        POOL_SIZE[kind] = block[0];
-        p = old;
+        POOL_SIZE[kind] = size;
+        POOL_KEPT = POOL_KEPT - old + size;
     }
     pthread_mutex_unlock(&POOL_LOCK);
-    if (p) free((char *)p - 16);
+    if (drop) free((char *)drop - 16);
 }
+
+/* Free every kept buffer (and keep at most `keep` bytes from now on). */
+static void pool_set_keep(size_t keep)
+{
+    void *drop[POOL_KINDS];
+    pthread_mutex_lock(&POOL_LOCK);
+    POOL_KEEP_BYTES = keep;
+    for (int k = 0; k < POOL_KINDS; k++) {
+        drop[k] = POOL_PTR[k];
+        POOL_PTR[k] = NULL;
+    }
+    POOL_KEPT = 0;
+    pthread_mutex_unlock(&POOL_LOCK);
+    for (int k = 0; k < POOL_KINDS; k++)
+        if (drop[k]) free((char *)drop[k] - 16);
+}
+
+static int enter_flight(void)
+{
+    int now = atomic_fetch_add(&IN_FLIGHT, 1) + 1;
+    if (now > MAX_IN_FLIGHT) {
+        atomic_fetch_sub(&IN_FLIGHT, 1);
+        return 0;
+    }
+    int peak = atomic_load(&IN_FLIGHT_PEAK);
+    while (now > peak && !atomic_compare_exchange_weak(&IN_FLIGHT_PEAK, &peak, now)) {
+    }
+    return 1;
+}
+
+static void leave_flight(void) { atomic_fetch_sub(&IN_FLIGHT, 1); }
 
 /* ---- header parsing ---------------------------------------------------------------------------- */
 
@@ -594,9 +683,9 @@ static inline int u16(const uint8_t *p) { return (p[0] << 8) | p[1]; }
 
 /* Parse markers up to the start of scan; returns the offset of the entropy-coded data, or -1 when
  * this decoder should not handle the file. */
-static Py_ssize_t parse_headers(Jpeg *j, const uint8_t *d, Py_ssize_t n)
+static ptrdiff_t parse_headers(Jpeg *j, const uint8_t *d, ptrdiff_t n)
 {
-    Py_ssize_t i = 2;
+    ptrdiff_t i = 2;
     int have_sof = 0;
     if (n < 4 || d[0] != 0xFF || d[1] != 0xD8) return -1;
     while (i + 4 <= n) {
@@ -613,14 +702,20 @@ static Py_ssize_t parse_headers(Jpeg *j, const uint8_t *d, Py_ssize_t n)
             j->height = u16(s + 1);
             j->width = u16(s + 3);
             j->ncomp = s[5];
-            if (j->height == 0 || j->width == 0) return -1; /* DNL */
+            if (j->height == 0 || j->width == 0) return -1; /* DNL; libjpeg: JERR_EMPTY_IMAGE */
             if (!(j->ncomp == 1 || j->ncomp == 3) || sl != 6 + 3 * j->ncomp) return -1; /* libjpeg: BAD_LENGTH */
+            /* jdinput.c initial_setup: JERR_IMAGE_TOO_BIG */
+            if (j->height > JPEG_MAX_DIMENSION || j->width > JPEG_MAX_DIMENSION) return -1;
             for (int c = 0; c < j->ncomp; c++) {
                 j->comp[c].id = s[6 + 3 * c];
                 j->comp[c].h = s[7 + 3 * c] >> 4;
                 j->comp[c].v = s[7 + 3 * c] & 15;
                 j->comp[c].tq = s[8 + 3 * c];
-                if (j->comp[c].tq > 3) return -1;
+                /* initial_setup: JERR_BAD_SAMPLING, whatever the layout (a grayscale frame too) */
+                if (j->comp[c].h < 1 || j->comp[c].h > MAX_SAMP_FACTOR || j->comp[c].v < 1 ||
+                    j->comp[c].v > MAX_SAMP_FACTOR)
+                    return -1;
+                if (j->comp[c].tq > 3) return -1; /* latch_quant_tables: JERR_NO_QUANT_TABLE */
             }
             have_sof = 1;
             break;
@@ -679,10 +774,17 @@ static Py_ssize_t parse_headers(Jpeg *j, const uint8_t *d, Py_ssize_t n)
             if (t[0] != 0 || t[1] != 63 || t[2] != 0) return -1;
             return i + 2 + len;
         }
-        default:
-            if ((m >= 0xC2 && m <= 0xCF) || m == 0xD8 || m == 0xD9 || (m >= 0xD0 && m <= 0xD7))
-                return -1; /* progressive, lossless, arithmetic, or misplaced markers */
+        case 0xDC: /* DNL: libjpeg skips it */
+        case 0xFE: /* COM */
             break;
+        default:
+            /* APPn: skipped by libjpeg and here (APP14 above). Everything else before SOS is declined:
+             * libjpeg refuses DHP, EXP (0xDF), JPGn (0xF0-0xFD), reserved codes (0x02-0xBF) and the
+             * SOFn it does not support; it takes RSTn and TEM (0x01) without a length and FF 00 as
+             * garbage to skip, where a length would be read here; and progressive, arithmetic (DAC),
+             * a second SOI or an early EOI are not for this decoder. */
+            if (m >= 0xE0 && m <= 0xEF) break;
+            return -1;
         }
         i += 2 + len;
     }
@@ -736,7 +838,7 @@ static int plan_layout(Jpeg *j)
 
 /* Copy the entropy-coded segment without byte stuffing, noting where each restart interval starts.
  * Returns 0, or -1 when the data does not end with EOI after well-ordered restart markers. */
-static int unstuff(Jpeg *j, const uint8_t *d, Py_ssize_t start, Py_ssize_t n)
+static int unstuff(Jpeg *j, const uint8_t *d, ptrdiff_t start, ptrdiff_t n)
 {
     int max_rst = j->dri ? (j->nmcu + j->dri - 1) / j->dri : 1;
     j->buf = pool_get(POOL_BUF, (size_t)(n - start) + PAD_BYTES);
@@ -745,11 +847,11 @@ static int unstuff(Jpeg *j, const uint8_t *d, Py_ssize_t start, Py_ssize_t n)
     uint8_t *o = j->buf;
     j->rst_start[0] = 0;
     j->nintervals = 1;
-    Py_ssize_t i = start;
+    ptrdiff_t i = start;
     for (;;) {
         const uint8_t *ff = memchr(d + i, 0xFF, (size_t)(n - i));
         if (!ff) return -1; /* no EOI: truncated */
-        Py_ssize_t at = ff - d;
+        ptrdiff_t at = ff - d;
         memcpy(o, d + i, (size_t)(at - i));
         o += at - i;
         i = at + 1;
@@ -1014,13 +1116,13 @@ static void *render_rows(void *arg)
     RenderJob *rj = arg;
     Jpeg *j = rj->j;
     const int pw = j->mcux * j->hmax, bpm = j->bpm;
-    int pred[MAX_COMPS] = {0, 0, 0};
+    Pred pred[MAX_COMPS] = {0, 0, 0};
     int m0 = rj->my0 * j->mcux;
     /* the DC predictors where this range starts */
     int first = j->dri ? m0 - m0 % j->dri : 0;
     const int16_t *d = j->dcdiff + (size_t)first * bpm, *end = j->dcdiff + (size_t)m0 * bpm;
     for (; d < end; d += bpm)
-        for (int b = 0; b < bpm; b++) pred[j->phase_comp[b]] += d[b];
+        for (int b = 0; b < bpm; b++) pred[j->phase_comp[b]] += (Pred)d[b];
     /* per block of an MCU: its plane, its offset from the MCU's corner, its DC quantiser */
     uint8_t *plane_of[MAX_PHASES];
     int offset[MAX_PHASES], qdc[MAX_PHASES];
@@ -1041,8 +1143,8 @@ static void *render_rows(void *arg)
             until_restart--;
             for (int b = 0; b < bpm; b++) {
                 int ci = j->phase_comp[b];
-                pred[ci] += d[b];
-                int dcq = (int)(int16_t)pred[ci] * qdc[b];
+                pred[ci] += (Pred)d[b];
+                int dcq = pred_value(pred[ci]) * qdc[b];
                 /* every block is 1x1 here: 4:2:0's 2x2 chroma goes through render_420 */
                 plane_of[b][base + offset[b]] = IDCT_LIMIT[DESCALE((int64_t)dcq, 3) & 1023];
             }
@@ -1089,9 +1191,9 @@ static int render_420(const Jpeg *j, const Emit *emit, int from, int threads)
         for (int m = from; m < second.m0; m++) { /* the predictors where the second half starts */
             if (j->dri && m % j->dri == 0) second.emit.pred[0] = second.emit.pred[1] = second.emit.pred[2] = 0;
             const int16_t *d = j->dcdiff + (size_t)m * 6;
-            second.emit.pred[0] += d[0] + d[1] + d[2] + d[3];
-            second.emit.pred[1] += d[4];
-            second.emit.pred[2] += d[5];
+            second.emit.pred[0] += (Pred)d[0] + (Pred)d[1] + (Pred)d[2] + (Pred)d[3];
+            second.emit.pred[1] += (Pred)d[4];
+            second.emit.pred[2] += (Pred)d[5];
         }
         split = pthread_create(&t, NULL, render_rest_420, &second) == 0;
         if (!split) first.m1 = j->nmcu;
@@ -1131,23 +1233,21 @@ static void free_jpeg(Jpeg *j)
     pool_put(POOL_WS, j->ws);
 }
 
-/* decode_eighth(data, threads) -> (width, height, channels, pixels) or None */
-static PyObject *decode_eighth(PyObject *self, PyObject *args)
+/* ---- the decoder, without Python (fuzz/ links this part alone) ------------------------------------ */
+
+static void jpeg8_init(void)
 {
-    Py_buffer view;
-    int threads = 2;
-    if (!PyArg_ParseTuple(args, "y*|i", &view, &threads)) return NULL;
-    const uint8_t *d = view.buf;
-    Py_ssize_t n = view.len;
-    Jpeg *j = calloc(1, sizeof(Jpeg));
-    PyObject *result = NULL, *pixels = NULL;
-    if (!j) {
-        PyBuffer_Release(&view);
-        return PyErr_NoMemory();
-    }
-    Py_ssize_t start = parse_headers(j, d, n);
-    if (start < 0 || plan_layout(j) != 0) goto unsupported;
-    if ((int64_t)j->width * j->height > MAX_PIXELS) goto unsupported; /* callers check far lower limits first */
+    init_tables();
+    init_acc_tables();
+}
+
+/* Read the headers into `j`; returns the offset of the entropy-coded data, or -1: declined. The
+ * output is j->width/8 x j->height/8 (rounded up) x j->ncomp bytes. */
+static ptrdiff_t jpeg8_prepare(Jpeg *j, const uint8_t *d, ptrdiff_t n)
+{
+    ptrdiff_t start = parse_headers(j, d, n);
+    if (start < 0 || plan_layout(j) != 0) return -1;
+    if ((int64_t)j->width * j->height > MAX_PIXELS) return -1; /* callers check far lower limits first */
     for (int c = 0; c < j->ncomp; c++) {
         acc_factors(j->qt[j->comp[c].tq], j->kq[c], j->qz[c]);
         int qmax = 0; /* over the coefficients the 2x2 IDCT reads */
@@ -1155,22 +1255,54 @@ static PyObject *decode_eighth(PyObject *self, PyObject *args)
             if (ACC_OF_ZIGZAG[k] != 10 && j->qz[c][k] > qmax) qmax = j->qz[c][k];
         j->check_fast[c] = (int64_t)j->ac[j->comp[c].ta].fast_vmax * qmax > 32767;
     }
+    return start;
+}
+
+/* Decode the data of a prepared `j` into `out`; 0, or -1: declined. Call free_jpeg(j) after. */
+static int jpeg8_run(Jpeg *j, const uint8_t *d, ptrdiff_t start, ptrdiff_t n, uint8_t *out, int threads)
+{
+    int out_w = (j->width + 7) / 8, out_h = (j->height + 7) / 8;
+    int rc = unstuff(j, d, start, n);
+    if (rc != 0) return -1;
+    size_t total = (size_t)j->nmcu * j->bpm;
+    j->dcdiff = pool_get(POOL_DC, sizeof(int16_t) * total);
+    j->ws = pool_get(POOL_WS, sizeof(int32_t) * 10 * ((size_t)j->nmcu * j->chroma_per_mcu + 1));
+    Emit emit = {out, out_w, out_h, {0, 0, 0}, 0};
+    int rendered = 0;
+    rc = (j->dcdiff && j->ws) ? decode_all(j, threads, j->chroma2x2 ? &emit : NULL, &rendered) : -1;
+    if (rc == 0 && j->chroma2x2) rc = (render_420(j, &emit, rendered, threads) || emit.declined) ? -1 : 0;
+    else if (rc == 0) rc = render(j, out, out_w, out_h, threads);
+    return rc;
+}
+
+#ifndef JPEG8_NO_PYTHON
+
+/* decode_eighth(data, threads) -> (width, height, channels, pixels) or None */
+static PyObject *decode_eighth(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    int threads = 2;
+    if (!PyArg_ParseTuple(args, "y*|i", &view, &threads)) return NULL;
+    if (!enter_flight()) { /* as many decodes as allowed are running: Pillow takes this one */
+        PyBuffer_Release(&view);
+        Py_RETURN_NONE;
+    }
+    const uint8_t *d = view.buf;
+    Jpeg *j = calloc(1, sizeof(Jpeg));
+    PyObject *result = NULL, *pixels = NULL;
+    if (!j) {
+        leave_flight();
+        PyBuffer_Release(&view);
+        return PyErr_NoMemory();
+    }
+    ptrdiff_t start = jpeg8_prepare(j, d, (ptrdiff_t)view.len);
+    if (start < 0) goto unsupported;
     int out_w = (j->width + 7) / 8, out_h = (j->height + 7) / 8;
     pixels = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)out_w * out_h * j->ncomp);
     if (!pixels) goto fail;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = unstuff(j, d, start, n);
-    if (rc == 0) {
-        size_t total = (size_t)j->nmcu * j->bpm;
-        j->dcdiff = pool_get(POOL_DC, sizeof(int16_t) * total);
-        j->ws = pool_get(POOL_WS, sizeof(int32_t) * 10 * ((size_t)j->nmcu * j->chroma_per_mcu + 1));
-        Emit emit = {(uint8_t *)PyBytes_AS_STRING(pixels), out_w, out_h, {0, 0, 0}};
-        int rendered = 0;
-        rc = (j->dcdiff && j->ws) ? decode_all(j, threads, j->chroma2x2 ? &emit : NULL, &rendered) : -1;
-        if (rc == 0 && j->chroma2x2) rc = (render_420(j, &emit, rendered, threads) || emit.declined) ? -1 : 0;
-        else if (rc == 0) rc = render(j, (uint8_t *)PyBytes_AS_STRING(pixels), out_w, out_h, threads);
-    }
+    rc = jpeg8_run(j, d, start, (ptrdiff_t)view.len, (uint8_t *)PyBytes_AS_STRING(pixels), threads);
     Py_END_ALLOW_THREADS
     if (rc != 0) goto unsupported;
     result = Py_BuildValue("(iiiN)", out_w, out_h, j->ncomp, pixels);
@@ -1183,23 +1315,64 @@ done:
     Py_XDECREF(pixels);
     free_jpeg(j);
     free(j);
+    leave_flight();
     PyBuffer_Release(&view);
     return result;
+}
+
+/* memory_stats(reset_peak=False) -> dict */
+static PyObject *memory_stats(PyObject *self, PyObject *args)
+{
+    int reset = 0;
+    if (!PyArg_ParseTuple(args, "|p", &reset)) return NULL;
+    pthread_mutex_lock(&POOL_LOCK);
+    size_t kept = POOL_KEPT, in_use = SCRATCH_IN_USE, peak = SCRATCH_PEAK, keep = POOL_KEEP_BYTES;
+    if (reset) SCRATCH_PEAK = SCRATCH_IN_USE;
+    pthread_mutex_unlock(&POOL_LOCK);
+    int flight_peak = atomic_load(&IN_FLIGHT_PEAK);
+    if (reset) atomic_store(&IN_FLIGHT_PEAK, atomic_load(&IN_FLIGHT));
+    return Py_BuildValue("{s:n,s:n,s:n,s:n,s:i,s:i,s:i}", "kept_bytes", (Py_ssize_t)kept, "keep_limit_bytes",
+                         (Py_ssize_t)keep, "scratch_in_use_bytes", (Py_ssize_t)in_use, "scratch_peak_bytes",
+                         (Py_ssize_t)peak, "in_flight", atomic_load(&IN_FLIGHT), "in_flight_peak", flight_peak,
+                         "max_in_flight", MAX_IN_FLIGHT);
+}
+
+/* set_limits(max_in_flight, keep_bytes) -> None */
+static PyObject *set_limits(PyObject *self, PyObject *args)
+{
+    int max_in_flight;
+    Py_ssize_t keep;
+    if (!PyArg_ParseTuple(args, "in", &max_in_flight, &keep)) return NULL;
+    if (max_in_flight < 1 || keep < 0) {
+        PyErr_SetString(PyExc_ValueError, "max_in_flight must be >= 1 and keep_bytes >= 0");
+        return NULL;
+    }
+    MAX_IN_FLIGHT = max_in_flight;
+    pool_set_keep((size_t)keep);
+    Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
     {"decode_eighth", decode_eighth, METH_VARARGS,
      "decode_eighth(data, threads=2) -> (width, height, channels, pixels) or None.\n\n"
      "Decode a baseline JPEG at 1/8 scale exactly as libjpeg-turbo does, on up to two threads. None\n"
-     "means: not a layout this decoder handles exactly; decode it with Pillow."},
+     "means: not a file this decoder handles exactly, or max_in_flight decodes already running;\n"
+     "decode it with Pillow."},
+    {"memory_stats", memory_stats, METH_VARARGS,
+     "memory_stats(reset_peak=False) -> dict: scratch bytes kept between calls, in use, the peak in\n"
+     "use since the last reset, and decodes in flight (now, peak, allowed)."},
+    {"set_limits", set_limits, METH_VARARGS,
+     "set_limits(max_in_flight, keep_bytes): decodes allowed at once, and the most scratch memory kept\n"
+     "between calls (kept buffers are freed now)."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_jpeg8", NULL, -1, methods};
 
 PyMODINIT_FUNC PyInit__jpeg8(void)
 {
-    init_tables();
-    init_acc_tables();
+    jpeg8_init();
     pthread_atfork(NULL, NULL, pool_after_fork_in_child);
     return PyModule_Create(&module);
 }
+
+#endif /* JPEG8_NO_PYTHON */

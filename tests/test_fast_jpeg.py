@@ -8,14 +8,22 @@ so that the two-thread paths (speculative split, restart intervals) run.
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from preprocessing import InvalidImageError, load_image
+from preprocessing import DecodeLimits, InvalidImageError, load_image
 from preprocessing import _fastjpeg
 
+from . import jpeg_forge
 from .conftest import SKIMAGE_DATA, encode, real_photo_path, with_orientation
+
+ROOT = Path(__file__).resolve().parent.parent
 
 DRAFT = (224, 224)
 
@@ -209,3 +217,190 @@ def test_a_process_forked_while_another_thread_decodes_can_still_decode(phone_ph
     finally:
         stop.set()
         worker.join()
+
+
+# ---- libjpeg's header rules (issue 13): what libjpeg refuses, the accelerator declines -------------
+
+
+def same_verdict(monkeypatch, data: bytes, **kwargs) -> None:
+    """load_image gives the same pixels or the same refusal with the accelerator on and off."""
+    try:
+        expected = pillow_only(monkeypatch, data, **kwargs)
+    except InvalidImageError as exc:
+        with pytest.raises(InvalidImageError) as caught:
+            load_image(data, draft_size=DRAFT, **kwargs)
+        assert caught.value.code == exc.code
+    else:
+        np.testing.assert_array_equal(load_image(data, draft_size=DRAFT, **kwargs), expected)
+
+
+@pytest.fixture(scope="module")
+def flat_gray() -> bytes:
+    return jpeg_forge.forge(2048, 2048)  # big enough that load_image decodes it at 1/8
+
+
+@pytest.mark.parametrize("factors", [0x00, 0x01, 0x10, 0x50, 0x15, 0x05, 0xF1])
+def test_a_grayscale_frame_with_bogus_sampling_factors_is_refused_as_libjpeg_does(monkeypatch, flat_gray, factors):
+    # libjpeg: "Bogus sampling factors" (factors must be 1..4), whatever the layout
+    data = jpeg_forge.with_sampling(flat_gray, 0, factors)
+    assert _fastjpeg._jpeg8.decode_eighth(data, 2) is None
+    with pytest.raises(InvalidImageError) as caught:
+        load_image(data, draft_size=DRAFT)
+    assert caught.value.code == "corrupt"
+    same_verdict(monkeypatch, data)
+
+
+@pytest.mark.parametrize("component, factors", [(0, 0x00), (0, 0x52), (1, 0x05), (2, 0x50)])
+def test_a_colour_photo_with_bogus_sampling_factors_is_left_to_libjpeg(monkeypatch, phone_photo, component, factors):
+    data = jpeg_forge.with_sampling(encode(phone_photo, "JPEG", quality=90), component, factors)
+    assert _fastjpeg._jpeg8.decode_eighth(data, 2) is None
+    same_verdict(monkeypatch, data)
+
+
+@pytest.mark.parametrize("factors", [0x22, 0x41, 0x14, 0x44])
+def test_valid_grayscale_sampling_factors_still_decode_fast_to_the_same_pixels(monkeypatch, flat_gray, factors):
+    data = jpeg_forge.with_sampling(flat_gray, 0, factors)
+    assert _fastjpeg._jpeg8.decode_eighth(data, 2) is not None
+    np.testing.assert_array_equal(load_image(data, draft_size=DRAFT), pillow_only(monkeypatch, data))
+
+
+# EXP, JPG0..JPG13, DHP, reserved codes, TEM and RST (no length for libjpeg), DAC (arithmetic), FF 00
+REFUSED_OR_MISREAD_MARKERS = [0xDF, 0xF0, 0xF7, 0xFD, 0xDE, 0x02, 0x4F, 0xBF, 0x01, 0xD0, 0xCC, 0x00]
+
+
+@pytest.mark.parametrize("marker", REFUSED_OR_MISREAD_MARKERS, ids=lambda m: f"FF{m:02X}")
+def test_markers_libjpeg_does_not_skip_are_left_to_it(monkeypatch, flat_gray, marker):
+    data = jpeg_forge.with_segment_before_sos(flat_gray, marker)
+    assert _fastjpeg._jpeg8.decode_eighth(data, 2) is None
+    same_verdict(monkeypatch, data)
+
+
+@pytest.mark.parametrize("marker", [0xDF, 0xF0], ids=["EXP", "JPG0"])
+def test_a_phone_photo_with_a_reserved_marker_is_refused_as_libjpeg_does(monkeypatch, phone_photo, marker):
+    data = jpeg_forge.with_segment_before_sos(encode(phone_photo, "JPEG", quality=90), marker)
+    assert _fastjpeg._jpeg8.decode_eighth(data, 2) is None
+    with pytest.raises(InvalidImageError) as caught:  # libjpeg: "Unsupported marker type"
+        load_image(data, draft_size=DRAFT)
+    assert caught.value.code == "corrupt"
+    same_verdict(monkeypatch, data)
+
+
+@pytest.mark.parametrize("marker", [0xE0, 0xE1, 0xEF, 0xFE, 0xDC], ids=["APP0", "APP1", "APP15", "COM", "DNL"])
+def test_markers_libjpeg_skips_are_skipped(monkeypatch, flat_gray, marker):
+    data = jpeg_forge.with_segment_before_sos(flat_gray, marker, b"any bytes")
+    assert _fastjpeg._jpeg8.decode_eighth(data, 2) is not None
+    np.testing.assert_array_equal(load_image(data, draft_size=DRAFT), pillow_only(monkeypatch, data))
+
+
+HUGE = DecodeLimits(max_pixels=200_000_000)
+
+
+@pytest.mark.parametrize("width, height", [(65501, 1800), (1800, 65501), (65535, 1800)])
+def test_frames_beyond_65500_pixels_are_refused_as_libjpeg_does(monkeypatch, width, height):
+    data = jpeg_forge.forge(width, height)
+    assert _fastjpeg._jpeg8.decode_eighth(data, 2) is None
+    with pytest.raises(InvalidImageError) as caught:  # libjpeg: "Maximum supported image dimension"
+        load_image(data, draft_size=DRAFT, limits=HUGE)
+    assert caught.value.code == "corrupt"
+    same_verdict(monkeypatch, data, limits=HUGE)
+
+
+def test_a_frame_65500_pixels_wide_still_decodes_fast(monkeypatch):
+    data = jpeg_forge.forge(65500, 1800)
+    assert _fastjpeg._jpeg8.decode_eighth(data, 2) is not None
+    np.testing.assert_array_equal(
+        load_image(data, draft_size=DRAFT, limits=HUGE), pillow_only(monkeypatch, data, limits=HUGE)
+    )
+
+
+# ---- DC predictors that overflow a 32-bit int (issue 13, finding 4) ------------------------------
+
+# 65,538 or more blocks of the largest DC difference: libjpeg-turbo's int sum wraps and only its low
+# 16 bits reach the pixels (its coefficients are 16-bit).
+OVERFLOWING_DC = {
+    "gray": lambda: jpeg_forge.forge(2048, 2064, dc_diff=lambda c, m: 32767),
+    "420": lambda: jpeg_forge.forge(2048, 4096, ((2, 2), (1, 1), (1, 1)), dc_diff=lambda c, m: 32767 if c == 0 else 0),
+    "444": lambda: jpeg_forge.forge(2048, 2064, ((1, 1),) * 3, dc_diff=lambda c, m: -32767 if c == 0 else 0),
+}
+
+
+@pytest.mark.parametrize("kind", OVERFLOWING_DC)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_dc_predictors_past_the_int_range_give_libjpegs_pixels(monkeypatch, kind, threads):
+    data = OVERFLOWING_DC[kind]()
+    assert _fastjpeg._jpeg8.decode_eighth(data, threads) is not None
+    np.testing.assert_array_equal(
+        load_image(data, draft_size=DRAFT, threads=threads), pillow_only(monkeypatch, data)
+    )
+
+
+def test_the_decoder_has_no_undefined_behaviour_on_overflowing_dc_sums(tmp_path, phone_photo):
+    """Built alone under UndefinedBehaviorSanitizer, without -fwrapv (Python's own flags pass it): any
+    signed overflow aborts. The DC sums used to overflow here (emit_420, render_rows, render_420)."""
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        pytest.skip("no C compiler to build fuzz/jpeg8_run.c with")
+    runner = tmp_path / "jpeg8_run"
+    build = subprocess.run(
+        [compiler, "-O1", "-g", "-fsanitize=undefined", "-fno-sanitize-recover=all", "-fno-wrapv", "-pthread",
+         str(ROOT / "fuzz" / "jpeg8_run.c"), "-o", str(runner)],
+        capture_output=True, text=True,
+    )
+    if build.returncode != 0:
+        pytest.skip(f"{compiler} cannot build with -fsanitize=undefined here: {build.stderr[-300:]}")
+    files = []
+    for kind, make in OVERFLOWING_DC.items():
+        files.append(tmp_path / f"{kind}.jpg")
+        files[-1].write_bytes(make())
+    files.append(tmp_path / "photo.jpg")
+    files[-1].write_bytes(encode(phone_photo, "JPEG", quality=90))
+    run = subprocess.run([str(runner), *map(str, files)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "runtime error" not in run.stderr
+    assert run.stdout.count("declined") == 0, run.stdout  # all four really decoded
+
+
+# ---- memory (issue 13, finding 5) ------------------------------------------------------------------
+
+
+def test_a_huge_frame_does_not_leave_its_buffers_behind(phone_photo):
+    # 50 MP in a 0.2 MB file: its scratch memory is freed when the call returns
+    huge = jpeg_forge.forge(8192, 6144, ((2, 2), (1, 1), (1, 1)))
+    _fastjpeg.memory_stats(reset_peak=True)
+    assert _fastjpeg._jpeg8.decode_eighth(huge, 2) is not None
+    stats = _fastjpeg.memory_stats()
+    assert stats["scratch_peak_bytes"] > stats["keep_limit_bytes"]  # it needed more than is kept
+    assert stats["kept_bytes"] <= stats["keep_limit_bytes"] == _fastjpeg.KEEP_BYTES
+    assert stats["scratch_in_use_bytes"] == 0
+    # an ordinary phone photo's buffers are kept: the next one needs no fresh pages
+    assert _fastjpeg._jpeg8.decode_eighth(encode(phone_photo, "JPEG", quality=90), 2) is not None
+    assert 0 < _fastjpeg.memory_stats()["kept_bytes"] <= _fastjpeg.KEEP_BYTES
+
+
+def test_decodes_beyond_the_in_flight_limit_go_to_pillow(monkeypatch, phone_photo):
+    """Eight threads decode at once; at most MAX_IN_FLIGHT use the accelerator (and its memory) at
+    a time, the others are decoded by Pillow. Every result is the same picture."""
+    import threading
+
+    data = encode(phone_photo, "JPEG", quality=90)
+    expected = pillow_only(monkeypatch, data)
+    _fastjpeg._jpeg8.set_limits(1, _fastjpeg.KEEP_BYTES)
+    _fastjpeg.memory_stats(reset_peak=True)
+    results: list[np.ndarray] = []
+    try:
+        def decode() -> None:
+            for _ in range(3):
+                results.append(load_image(data, draft_size=DRAFT))
+
+        workers = [threading.Thread(target=decode) for _ in range(8)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        stats = _fastjpeg.memory_stats()
+    finally:
+        _fastjpeg._jpeg8.set_limits(_fastjpeg.MAX_IN_FLIGHT, _fastjpeg.KEEP_BYTES)
+    assert len(results) == 24
+    for result in results:
+        np.testing.assert_array_equal(result, expected)
+    assert stats["in_flight_peak"] == 1 and stats["in_flight"] == 0
