@@ -67,6 +67,7 @@ class TFServingOptions:
     retry_after_s: int = 5  # what a 503 tells the device
     load_timeout_s: float = 300.0  # how long to wait for a version to load before leaving its label as it was
     status_poll_s: float = 1.0  # how often to ask TF Serving whether a version is loaded
+    watch_s: float = 5.0  # how often to check that TF Serving still holds the labelled versions (a restart forgets them)
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tf_serving.retry_after_s", "--retry-after", int, "Retry-After seconds sent with 503 when the backend is down (default 5)", "S"),
     Setting("tf_serving.load_timeout_s", "--tf-serving-load-timeout", float, "seconds to wait for TF Serving to load a version before giving up on its label (default 300)", "S"),
     Setting("tf_serving.status_poll_s", "--tf-serving-status-poll", float, "seconds between model status checks while a version loads (default 1)", "S"),
+    Setting("tf_serving.watch_s", "--tf-serving-watch", float, "seconds between checks that TF Serving still holds the versions in use; after a restart the config is rewritten (default 5)", "S"),
     Setting("batching.enabled", "--batching", _bool, "combine concurrent predictions into batches: on or off (default on)", "on|off"),
     Setting("batching.max_batch_size", "--max-batch-size", int, "largest batch (default 32)", "N"),
     Setting("batching.max_wait_ms", "--max-batch-wait-ms", float, "longest a photo waits for its batch to fill (default 2)", "MS"),

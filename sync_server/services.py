@@ -85,6 +85,7 @@ class Services:
             model_status=predictor.model_status if (predictor is not None and config.tf_serving.url) else None,
             load_timeout_s=config.tf_serving.load_timeout_s,
             poll_s=config.tf_serving.status_poll_s,
+            watch_s=config.tf_serving.watch_s,
             preload=preload,
             executor=background,
         )

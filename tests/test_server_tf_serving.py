@@ -114,11 +114,12 @@ def test_predictions_go_through_tf_serving_and_labels_move_only_onto_loaded_vers
             assert np.allclose(by_label[0], _scores(answer.json(), publisher.labels), atol=1e-5)
 
 
-def _eventually(condition, timeout: float = 5.0) -> None:
+def _eventually(condition, timeout: float = 5.0):
     deadline = time.monotonic() + timeout
-    while not condition():
+    while not (result := condition()):
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.02)
+    return result
 
 
 async def _predict_and_close(client: TFServingClient, x, **kwargs):
@@ -156,6 +157,43 @@ def test_tf_serving_down_means_503_with_retry_after_and_it_recovers(publisher, d
             tfs.wait_available(MODEL, 1)
             assert device.predict(photo).status_code == 200
             assert server.client.get("/readyz").status_code == 200
+
+
+def test_after_tf_serving_restarts_the_config_is_rewritten_and_readyz_tells_until_it_serves(publisher, demo_dataset, tmp_path):
+    """A restarted TF Serving has nothing loaded and refuses a config whose label names a version it has
+    not loaded: the server notices, writes the config with labels only on loaded versions, moves them
+    back once the versions load, and /readyz says not ready meanwhile."""
+    data = tmp_path / "data"
+    config_file = data / "tf-serving" / "models.config"
+    with TFServingStandin(config_file, load_delay_s=1.0) as tfs:
+        options = TFServingOptions(url=tfs.url, status_poll_s=0.05, load_timeout_s=20, retries=2, retry_backoff_s=0.01,
+                                   retry_after_s=7, watch_s=0.1)
+        config = server_config(data, None, publisher, tf_serving=options)
+        with running_server(config) as server:
+            server.publish_ok(publisher, 1, channel="stable")
+            server.wait_serving_idle()
+            device = server.enroll()
+            photo = photo_bytes(demo_dataset, "mug")
+            assert device.predict(photo).status_code == 200
+            assert server.client.get("/readyz").status_code == 200
+
+            tfs.restart()
+            _eventually(lambda: tfs.manager.config_errors != [], timeout=5)
+            assert "not currently available for inference" in tfs.manager.config_errors[0]
+            not_ready = _eventually(lambda: _not_ready(server), timeout=5)
+            assert not_ready["checks"]["serving"].startswith("failing: TF Serving has no version of shop loaded")
+            assert device.predict(photo).json()["error"]["code"] == "version_not_loaded"
+
+            _eventually(lambda: device.predict(photo).status_code == 200, timeout=15)
+            _eventually(lambda: server.client.get("/readyz").status_code == 200, timeout=5)
+            _eventually(lambda: tfs.manager.labels.get(MODEL) == {"stable": 1}, timeout=5)
+            (served,) = read_model_config(config_file.read_text())
+            assert served.labels == {"stable": 1}
+
+
+def _not_ready(server):
+    response = server.client.get("/readyz")
+    return response.json() if response.status_code == 503 else None
 
 
 def test_a_version_tf_serving_has_not_loaded_gets_503(publisher, demo_dataset, tmp_path):

@@ -20,7 +20,9 @@ REST API documentation (g3doc/api_rest.md) and its source describe them:
   model M, which is not currently available for inference"), unless `allow_unavailable_labels` (the
   `--allow_version_labels_for_unavailable_models` flag).
 
-`load_delay_s` makes loads slow, `stop()` / `start()` take the server down and up on the same port,
+`load_delay_s` makes loads slow, `stop()` / `start()` take the server down and up on the same port
+(keeping what was loaded, like a network outage), `restart()` is a new process on the same port
+(nothing loaded; the config file read again and refused while a label names a version not loaded),
 and `predict_batches` records the batch size of every predict call.
 """
 
@@ -384,6 +386,14 @@ class TFServingStandin:
             poller = threading.Thread(target=self._poll_loop, daemon=True)
             poller.start()
             self._threads.append(poller)
+
+    def restart(self) -> None:
+        """TF Serving restarts: down, then up on the same port with nothing loaded. It reads the config
+        file again; a label on a version that is not loaded yet makes it refuse the whole config."""
+        self.stop()
+        self.manager = ModelManager(self.manager.load_delay_s, self.manager.allow_unavailable_labels)
+        self._config_text = None
+        self.start()
 
     def stop(self, final: bool = False) -> None:
         """Close the port (connections are refused until `start()`)."""

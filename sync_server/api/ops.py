@@ -29,7 +29,8 @@ async def readyz(state: Services = Depends(auth.services)) -> JSONResponse:
     """Ready to serve: the database answers, the data directory is writable, the backend is up.
 
     TF Serving versions that did not load are listed under `problems` without failing readiness: the
-    server still serves assignments and the versions that did load.
+    server still serves assignments and the versions that did load. A model in use with no version
+    loaded at all (TF Serving restarted and is loading again) fails the `serving` check.
     """
     checks: dict[str, str] = {}
     try:
@@ -41,6 +42,9 @@ async def readyz(state: Services = Depends(auth.services)) -> JSONResponse:
     if state.predictor is not None:
         problem = await state.predictor.ready()
         checks["backend"] = "ok" if problem is None else f"failing: {problem}"
+        serving = state.reconciler.backend_problem()
+        if serving is not None:  # reachable, but holding none of a model's versions in use (restarted?)
+            checks["serving"] = f"failing: {serving}"
     ready = all(value == "ok" for value in checks.values())
     body = {
         "status": "ready" if ready else "not_ready",
