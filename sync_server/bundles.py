@@ -9,6 +9,7 @@ tarfile's `data` filter: no absolute paths, no `..`, no links out, no devices.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import re
@@ -21,13 +22,16 @@ from typing import Any, BinaryIO, Sequence
 
 from preprocessing import PreprocessSpec, SpecError
 
-from .errors import BundleRejectedError, ConfigError, PayloadTooLargeError
+from .errors import BundleRejectedError, ConfigError, DiskFullError, PayloadTooLargeError
 from .serving_repo import saved_model_digest
 
 #: Model names: a folder name and a URL segment (the converter's NAME_PATTERN).
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 BUNDLE_FILES = ("model.tflite", "manifest.json", "manifest.sig", "labels.txt")
-_MAX_ARCHIVE_MEMBERS = 20_000
+#: Most entries in one uploaded archive (a SavedModel has tens; a bundle four).
+MAX_ARCHIVE_MEMBERS = 20_000
+#: The largest version number (versions are 32-bit INTEGER columns on PostgreSQL).
+MAX_VERSION = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -115,8 +119,8 @@ def verify_bundle(path: Path, keys: Sequence[Any]) -> VerifiedBundle:
             "letter or digit, at most 100 characters",
             code="bad_bundle",
         )
-    if manifest.version < 1:
-        raise BundleRejectedError(f"model version must be 1 or more, got {manifest.version}", code="bad_bundle")
+    if not 1 <= manifest.version <= MAX_VERSION:
+        raise BundleRejectedError(f"model version must be 1 to {MAX_VERSION}, got {manifest.version}", code="bad_bundle")
     manifest_bytes = (path / MANIFEST_FILE).read_bytes()
     files = {
         "model.tflite": path / manifest.model_file,
@@ -205,26 +209,42 @@ def _check_fingerprint(path: Path, bundle: VerifiedBundle) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def unpack_archive(archive: Path | BinaryIO, into: Path, *, max_bytes: int, what: str) -> Path:
+def unpack_archive(
+    archive: Path | BinaryIO, into: Path, *, max_bytes: int, what: str, max_members: int = MAX_ARCHIVE_MEMBERS
+) -> Path:
     """Unpack a tar (optionally gzip/bz2/xz) safely into `into`; returns the folder that holds the files.
 
-    `archive` is a path or a binary file object. An archive whose only top-level entry is a folder
-    yields that folder, so both `tar -C BUNDLE .` and `tar -C PARENT BUNDLE` work.
+    `archive` is a path or a binary file object. Members are read one at a time and the archive is
+    refused as soon as it has more than `max_members` entries or its files add up to more than
+    `max_bytes`: a small archive of a million empty members costs its first `max_members` headers,
+    not a list of a million in memory. An archive whose only top-level entry is a folder yields that
+    folder, so both `tar -C BUNDLE .` and `tar -C PARENT BUNDLE` work.
     """
     try:
         opened = tarfile.open(archive, "r:*") if isinstance(archive, Path) else tarfile.open(fileobj=archive, mode="r:*")
         with opened as tar:
-            members = tar.getmembers()
-            if len(members) > _MAX_ARCHIVE_MEMBERS:
-                raise BundleRejectedError(f"the {what} archive has {len(members)} entries; at most {_MAX_ARCHIVE_MEMBERS}", code="bad_archive")
-            total = sum(m.size for m in members if m.isfile())
-            if total > max_bytes:
-                raise PayloadTooLargeError(f"the {what} archive unpacks to {total} bytes; the limit is {max_bytes}")
             into.mkdir(parents=True, exist_ok=True)
-            tar.extractall(into, filter="data")
+            count = total = 0
+            while (member := tar.next()) is not None:
+                count += 1
+                if count > max_members:
+                    raise BundleRejectedError(
+                        f"the {what} archive has more than {max_members} entries; a bundle or SavedModel has far fewer",
+                        code="bad_archive",
+                    )
+                if member.isfile():
+                    total += member.size
+                    if total > max_bytes:
+                        raise PayloadTooLargeError(f"the {what} archive unpacks to more than {max_bytes} bytes (the limit)")
+                tar.extract(member, into, filter="data")
+                tar.members.clear()  # nothing needs the headers already extracted
     except tarfile.TarError as exc:
         raise BundleRejectedError(f"the {what} upload is not a readable tar archive: {exc}", code="bad_archive") from exc
-    except (OSError, EOFError) as exc:
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(f"the server's disk is full: the {what} archive cannot be unpacked; free space and try again") from exc
+        raise BundleRejectedError(f"the {what} archive cannot be unpacked: {exc}", code="bad_archive") from exc
+    except EOFError as exc:
         raise BundleRejectedError(f"the {what} archive cannot be unpacked: {exc}", code="bad_archive") from exc
     entries = [p for p in into.iterdir() if not p.name.startswith("._")]
     if len(entries) == 1 and entries[0].is_dir():

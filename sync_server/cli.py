@@ -6,6 +6,7 @@
     sync-server demo --bundle B --saved-model M --photo P   start, publish, predict, stop
     sync-server path                                   where the data, database, tokens and TF Serving config are
     sync-server migrate                                upgrade the database schema
+    sync-server enrollment-token create|list|revoke    expiring, revocable credentials for enrolling devices
 
 Every option of `ServerConfig` is a flag here and a `SYNC_SERVER_*` variable (flags win). Errors are
 one line on stderr and exit status 2 (bad input or configuration) or 1 (a server or backend failure).
@@ -24,7 +25,7 @@ from typing import Any, Sequence
 from .config import SETTINGS, ServerConfig
 from .errors import BackendError, ConfigError, SyncServerError
 
-COMMANDS = ("serve", "publish", "predict", "prune", "demo", "path", "migrate")
+COMMANDS = ("serve", "publish", "predict", "prune", "demo", "path", "migrate", "enrollment-token")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,6 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args_list.insert(0, "serve")
     parser = _parser()
     args = parser.parse_args(args_list)
+    if any(a == "--admin-token" or a.startswith("--admin-token=") for a in args_list):
+        print("warning: --admin-token is visible to every user in the process list; use --admin-token-file FILE "
+              "or SYNC_SERVER_ADMIN_TOKEN instead", file=sys.stderr)
     try:
         flags = {s.name: getattr(args, s.name.replace(".", "__"), None) for s in SETTINGS}
         config = ServerConfig.load(flags)
@@ -96,6 +100,10 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--server", metavar="URL", help="prune a running server instead of the data dir")
     prune.add_argument("--json", action="store_true", help="print the result as JSON")
     prune.set_defaults(run=_prune)
+
+    from .enrollment import add_cli
+
+    add_cli(sub, settings)
 
     migrate = sub.add_parser("migrate", parents=[settings], help="upgrade the database schema to the newest version")
     migrate.set_defaults(run=_migrate)
@@ -206,7 +214,8 @@ def _path(args: argparse.Namespace, config: ServerConfig) -> int:
         ("TF Serving config file", str(repository.config_path)),
         ("trusted publisher keys", ", ".join(str(p) for p in config.publisher_keys) + (" + " if config.publisher_keys else "") + str(config.trusted_keys_dir) + "/*"),
         ("admin token", _secret_hint(config, "admin_token", "admin-token")),
-        ("enrolment secret", _secret_hint(config, "enrollment_secret", "enrollment-secret")),
+        ("enrolment secret", "given by flag or environment variable" if config.enrollment_secret
+         else "none (devices enrol with tokens: sync-server enrollment-token create)"),
     ]
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
@@ -286,6 +295,8 @@ def _migrate(args: argparse.Namespace, config: ServerConfig) -> int:
 def _admin_token(config: ServerConfig) -> str:
     if config.admin_token:
         return config.admin_token
+    if config.admin_token_file:
+        return config.with_secrets().admin_token or ""
     path = config.data_dir / "admin-token"
     try:
         return path.read_text(encoding="utf-8").strip()

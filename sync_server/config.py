@@ -86,8 +86,11 @@ class ServerConfig:
     database_url: str | None = None  # default: SQLite in the data directory
     host: str = "127.0.0.1"
     port: int = 8080
-    admin_token: str | None = None  # default: generated once into DATA/admin-token
-    enrollment_secret: str | None = None  # default: generated once into DATA/enrollment-secret
+    admin_token: str | None = None  # default: admin_token_file, else generated once into DATA/admin-token
+    admin_token_file: Path | None = None  # a file holding the admin token (keeps it out of the process list)
+    #: A fleet-wide enrolment secret, only when given: devices otherwise enrol with enrolment tokens
+    #: (`sync-server enrollment-token create`), which expire and can be revoked.
+    enrollment_secret: str | None = None
     publisher_keys: tuple[Path, ...] = ()  # trusted Ed25519 public keys (and every file in DATA/trusted-keys/)
     tf_serving: TFServingOptions = field(default_factory=TFServingOptions)
     batching: BatchingOptions = field(default_factory=BatchingOptions)
@@ -154,9 +157,9 @@ class ServerConfig:
         Missing secrets are generated once (random, 0600 files) so that a server on embedded defaults
         is never open; `sync-server path` prints where they are.
         """
-        admin = self.admin_token or _stored_secret(self.data_dir / "admin-token")
-        enroll = self.enrollment_secret or _stored_secret(self.data_dir / "enrollment-secret")
-        return replace(self, admin_token=admin, enrollment_secret=enroll)
+        admin = self.admin_token or (_file_secret(self.admin_token_file, "admin token") if self.admin_token_file else None)
+        admin = admin or _stored_secret(self.data_dir / "admin-token")
+        return replace(self, admin_token=admin)  # no fleet enrolment secret unless one was given
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -197,8 +200,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("database_url", "--database-url", str, "SQLAlchemy URL, e.g. postgresql+psycopg://host/db (default: SQLite in the data dir)", "URL"),
     Setting("host", "--host", str, "address to listen on (default 127.0.0.1)"),
     Setting("port", "--port", int, "port to listen on (default 8080)"),
-    Setting("admin_token", "--admin-token", str, "bearer token for admin calls (default: generated into DATA/admin-token)", "TOKEN"),
-    Setting("enrollment_secret", "--enrollment-secret", str, "secret devices present to enrol (default: generated into DATA/enrollment-secret)", "SECRET"),
+    Setting("admin_token", "--admin-token", str, "bearer token for admin calls; visible in the process list, prefer --admin-token-file or the variable (default: generated into DATA/admin-token)", "TOKEN"),
+    Setting("admin_token_file", "--admin-token-file", Path, "file holding the admin token", "FILE"),
+    Setting("enrollment_secret", "--enrollment-secret", str, "a fleet-wide secret devices may enrol with (default: none; devices enrol with tokens from 'sync-server enrollment-token create')", "SECRET"),
     Setting("publisher_keys", "--publisher-keys", _paths, f"trusted Ed25519 public key files, separated by '{os.pathsep}' (plus every file in DATA/trusted-keys/)", "PATHS"),
     Setting("tf_serving.url", "--tf-serving-url", str, "TF Serving REST address, e.g. http://tf-serving:8501 (default: embedded predictor)", "URL"),
     Setting("tf_serving.base_path", "--tf-serving-base-path", str, "the model repository's path as TF Serving sees it (default: the local path)", "PATH"),
@@ -275,6 +279,17 @@ def _check(config: ServerConfig) -> None:
         value = getattr(config, name)
         if value is not None and len(value) < 16:
             raise ConfigError(f"the {name.replace('_', ' ')} must be at least 16 characters")
+
+
+def _file_secret(path: Path, what: str) -> str:
+    """The secret in a file the operator named (first line, stripped); ConfigError when unusable."""
+    try:
+        value = Path(path).expanduser().read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the {what} file {path}: {exc.strerror or exc}") from None
+    if len(value) < 16:
+        raise ConfigError(f"the {what} in {path} must be at least 16 characters")
+    return value
 
 
 def _stored_secret(path: Path) -> str:

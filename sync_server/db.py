@@ -8,18 +8,21 @@ several instances starting together upgrade the schema once.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NoReturn
 
 from sqlalchemy import create_engine, event, select, text, update
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DataError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .errors import ConfigError
 from .models import ServerState
+
+log = logging.getLogger("sync_server.db")
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _ADVISORY_LOCK_ID = 0x5E_C1A5_51F7  # "edge-classify sync-server migrations"
@@ -55,23 +58,30 @@ class Database:
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Session]:
-        """A session for reading; rolled back at the end."""
-        with self._reader() as session:
-            try:
-                yield session
-            finally:
-                session.rollback()
+        """A session for reading; rolled back at the end. A database that cannot answer raises
+        DatabaseUnavailableError (503), a full disk DiskFullError (507) (see `translate_error`)."""
+        try:
+            with self._reader() as session:
+                try:
+                    yield session
+                finally:
+                    session.rollback()
+        except (SQLAlchemyError, OverflowError) as exc:
+            _reraise(exc)
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Session]:
-        """A session whose transaction commits at the end (rolled back on an exception)."""
-        with self._writer() as session:
-            with session.begin():
-                yield session
-            bumped = session.info.pop(_BUMPED, None)
-            if bumped:  # committed: these revisions are this process's own changes
-                with self._local_lock:
-                    self._local_revisions.update(bumped)
+        """A session whose transaction commits at the end (rolled back on an exception); errors as `read`."""
+        try:
+            with self._writer() as session:
+                with session.begin():
+                    yield session
+                bumped = session.info.pop(_BUMPED, None)
+        except (SQLAlchemyError, OverflowError) as exc:
+            _reraise(exc)
+        if bumped:  # committed: these revisions are this process's own changes
+            with self._local_lock:
+                self._local_revisions.update(bumped)
 
     def only_local_changes(self, old: int, new: int) -> bool:
         """Whether every revision after `old` up to `new` was made by this process's own commits (whose
@@ -167,6 +177,45 @@ def _configure_sqlite(engine: Engine) -> None:
     def _on_begin(connection) -> None:  # type: ignore[no-untyped-def]
         mode = connection.get_execution_options().get("sqlite_begin", "DEFERRED")
         connection.exec_driver_sql(f"BEGIN {mode}")
+
+
+#: What a full disk looks like in the drivers' words (SQLite, PostgreSQL's SQLSTATE 53100, the OS).
+_DISK_FULL = ("database or disk is full", "no space left on device", "could not extend file", "disk full")
+
+
+def translate_error(exc: BaseException) -> Exception:
+    """The SyncServerError an error of the database layer means for the caller.
+
+    A full disk is DiskFullError (507); a database that cannot be reached, refuses connections or stays
+    locked is DatabaseUnavailableError (503, Retry-After); a number past a column's range (an input
+    bound the schema missed) is BadRequestError. Anything else is passed on unchanged.
+    """
+    from .errors import BadRequestError, DatabaseUnavailableError, DiskFullError, SyncServerError
+
+    if isinstance(exc, SyncServerError):
+        return exc
+    orig = getattr(exc, "orig", None) or exc
+    detail = _first_line(exc) if isinstance(exc, SQLAlchemyError) else str(exc)
+    lowered = detail.lower()
+    if getattr(orig, "sqlstate", None) == "53100" or any(words in lowered for words in _DISK_FULL):
+        log.error("database write failed: disk full", extra={"detail": detail})
+        return DiskFullError(
+            "the server's disk is full: the database cannot store this change; free space on the server "
+            "(or grow its volume) and try again"
+        )
+    if isinstance(exc, OverflowError) or isinstance(exc, DataError):
+        return BadRequestError(f"a number in the request is out of range ({detail})", code="out_of_range")
+    if isinstance(exc, (OperationalError, InterfaceError)) or getattr(exc, "connection_invalidated", False):
+        log.error("database unavailable", extra={"detail": detail})
+        return DatabaseUnavailableError("the database is unavailable right now; try again in a few seconds")
+    return exc  # type: ignore[return-value]
+
+
+def _reraise(exc: BaseException) -> NoReturn:
+    translated = translate_error(exc)
+    if translated is exc:
+        raise exc
+    raise translated from exc
 
 
 def _first_line(exc: SQLAlchemyError) -> str:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 import threading
 import time
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Callable
 
 from sqlalchemy import select
@@ -22,9 +23,11 @@ from sqlalchemy.orm import Session
 
 from .db import Database, as_utc, bump_revision, iso
 from .errors import AuthenticationError, NotFoundError, PermissionDeniedError
-from .models import Channel, Device, DeviceStatus, Model, utcnow
+from .models import Channel, Device, DeviceStatus, Model, RolloutEvent, utcnow
 from .registry import files_view, find_model, find_version, require_version
-from .rollout import DEFAULT_CHANNEL, Rollouts, assigned_version, check_channel_name
+from .rollout import ACTIVE, DEFAULT_CHANNEL, PAUSED, Rollouts, assigned_version, bucket, check_channel_name
+
+log = logging.getLogger("sync_server.devices")
 
 TOKEN_PREFIX = "dt_"
 _LAST_SEEN_EVERY = timedelta(seconds=60)
@@ -110,19 +113,52 @@ class Devices:
         self._channels: dict[tuple[int, str], tuple[float, ChannelState | None]] = {}
         self._views: dict[tuple[str, int], dict[str, Any]] = {}
         self._rosters: dict[int, _Roster] = {}
+        self._seen_tried: dict[str, float] = {}
+        self._last_seen_logged = -1e18
+        #: `last_seen_at` writes that failed (full disk, database locked or down); authentication went on.
+        self.last_seen_failures = 0
 
     # --- enrolment and authentication -----------------------------------------------------------
 
     def enroll(self, secret: str | None, model: str, channel: str | None, name: str | None) -> dict[str, Any]:
-        """A new device id and token, if `secret` is the enrolment secret."""
-        if not secret or not hmac.compare_digest(secret.encode("utf-8"), self._enrollment_secret.encode("utf-8")):
-            raise AuthenticationError("the enrolment secret is wrong", code="bad_enrollment_secret")
-        channel = check_channel_name(channel or DEFAULT_CHANNEL)
+        """A new device id and token, for an enrolment token (`et_...`, see `enrollment.py`) that is
+        valid for this model, or for the fleet-wide enrolment secret when the server was given one."""
+        from .enrollment import TOKEN_PREFIX as ENROLLMENT_TOKEN_PREFIX
+        from .enrollment import consume
+
+        if not secret:
+            raise AuthenticationError("enrolment needs an enrolment token", code="bad_enrollment_secret")
+        by_token = secret.startswith(ENROLLMENT_TOKEN_PREFIX)
+        if not by_token and not (
+            self._enrollment_secret
+            and hmac.compare_digest(secret.encode("utf-8"), self._enrollment_secret.encode("utf-8"))
+        ):
+            raise AuthenticationError(
+                "the enrolment secret is wrong: enrol with a token from 'sync-server enrollment-token create'",
+                code="bad_enrollment_secret",
+            )
+        if channel is not None:
+            check_channel_name(channel)
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         device_id = "dev_" + secrets.token_hex(8)
         with self.db.write() as session:
+            grant = consume(session, secret) if by_token else None  # 401 when unknown, expired, used up, revoked
             model_row = find_model(session, model)
-            session.add(Device(id=device_id, name=name, model_id=model_row.id, channel=channel, token_sha256=token_hash(token)))
+            if grant is not None:
+                if grant.model_id is not None and grant.model_id != model_row.id:
+                    raise PermissionDeniedError(
+                        f"enrolment token {grant.id} is for another model, not {model!r}", code="token_not_for_model"
+                    )
+                if grant.channel is not None:
+                    if channel is not None and channel != grant.channel:
+                        raise PermissionDeniedError(
+                            f"enrolment token {grant.id} enrols devices on channel {grant.channel!r}, not {channel!r}",
+                            code="token_not_for_channel",
+                        )
+                    channel = grant.channel
+            channel = channel or DEFAULT_CHANNEL
+            session.add(Device(id=device_id, name=name, model_id=model_row.id, channel=channel, token_sha256=token_hash(token),
+                               enrollment_token_id=grant.id if grant is not None else None))
         return {"device_id": device_id, "token": token, "model": model, "channel": channel}
 
     def cached_identity(self, token: str) -> DeviceIdentity | None:
@@ -146,17 +182,41 @@ class Devices:
             return None
         if row.revoked:
             raise AuthenticationError(f"device {row.id} was revoked; enrol it again", code="revoked_token")
-        seen = as_utc(row.last_seen_at)
-        if seen is None or utcnow() - seen > _LAST_SEEN_EVERY:
-            with self.db.write() as session:
-                device = session.get(Device, row.id)
-                if device is not None:
-                    device.last_seen_at = utcnow()
+        self._note_seen(row.id, as_utc(row.last_seen_at))
         identity = DeviceIdentity(row.id, row.name, row.model_id, row.channel)
         with self._lock:
             if generation == self._generation:
                 self._identities[digest] = (time.monotonic() + _CACHE_TTL_S, identity)
         return identity
+
+    def _note_seen(self, device_id: str, seen: datetime | None) -> None:
+        """Write `last_seen_at` at most once a minute per device, best effort: a full disk, a locked or
+        read-only database must never fail an authentication (the device only wants to read). Failed
+        writes are counted (`last_seen_failures`) and logged at most once a minute."""
+        now = time.monotonic()
+        if seen is not None and utcnow() - seen <= _LAST_SEEN_EVERY:
+            return
+        with self._lock:
+            if self._seen_tried.get(device_id, -1e18) > now - _LAST_SEEN_EVERY.total_seconds():
+                return  # tried within the minute (and maybe failed): do not hammer a full disk
+            self._seen_tried[device_id] = now
+            if len(self._seen_tried) > 100_000:  # bounded: forget the oldest half
+                for key in sorted(self._seen_tried, key=self._seen_tried.__getitem__)[:50_000]:
+                    del self._seen_tried[key]
+        try:
+            with self.db.write() as session:
+                device = session.get(Device, device_id)
+                if device is not None:
+                    device.last_seen_at = utcnow()
+        except Exception as exc:  # noqa: BLE001  (any write failure: the read must go on)
+            with self._lock:
+                self.last_seen_failures += 1
+                quiet = now - self._last_seen_logged < 60.0
+                if not quiet:
+                    self._last_seen_logged = now
+            if not quiet:
+                log.warning("could not record a device's last_seen_at (%d failures so far): %s",
+                            self.last_seen_failures, getattr(exc, "message", None) or exc)
 
     def invalidate(self) -> None:
         """Forget cached identities and channels: something that can change an assignment changed."""
@@ -305,6 +365,7 @@ class Devices:
         with self.db.write() as session:
             model = find_model(session, device.model)
             require_version(session, model, version)
+            require_assigned(session, device.id, device.model, version)
             row = session.get(DeviceStatus, (device.id, version))
             if key is not None and row is not None and row.report_key == key:
                 return {"recorded": True, "duplicate": True, "rollout_paused": None}
@@ -330,6 +391,11 @@ class Devices:
         if paused:
             self.on_change(device.model)
         return {"recorded": True, "duplicate": False, "rollout_paused": paused}
+
+    def check_assigned(self, device: DeviceIdentity, version: int) -> None:
+        """403 `not_assigned` unless the server assigned `version` to `device` (see `require_assigned`)."""
+        with self.db.read() as session:
+            require_assigned(session, device.id, device.model, version)
 
     def record_telemetry(self, device: DeviceIdentity, report: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
         """Store one periodic telemetry report, once per idempotency key (see `telemetry.record`)."""
@@ -417,6 +483,70 @@ class Devices:
                 for s in sorted(statuses, key=lambda s: s.version)
             ],
         }
+
+
+_ASSIGNING = ("set", "promote", "rollback")  # events that give their version to every device of the channel
+_STAGING = ("rollout", "resume")  # events that give it to the devices whose bucket is below their percent
+
+
+def versions_assigned(session: Session, device_id: str, model: str) -> tuple[set[int], str]:
+    """(every version the server assigned this device on its channel since it enrolled, the channel).
+
+    The channel's version now, its rollout candidate if the device falls in the rollout, and each
+    version the channel's history gave it since it enrolled (a set, promote or rollback gave every
+    device the version; a rollout or resume only the devices whose bucket is below its percentage).
+    A device moved to another channel counts only the new channel's versions.
+    """
+    device = session.get(Device, device_id)
+    if device is None:
+        raise AuthenticationError(f"device {device_id} is no longer enrolled", code="revoked_token")
+    channel = session.scalar(select(Channel).where(Channel.model_id == device.model_id, Channel.name == device.channel))
+    versions: set[int] = set()
+    if channel is None:
+        return versions, device.channel
+    if channel.version is not None:
+        versions.add(channel.version)
+    if (
+        channel.rollout_version is not None
+        and channel.rollout_state in (ACTIVE, PAUSED)
+        and bucket(device_id, model, channel.name, channel.rollout_version) < (channel.rollout_percent or 0.0)
+    ):
+        versions.add(channel.rollout_version)
+    events = session.execute(
+        select(RolloutEvent.action, RolloutEvent.version, RolloutEvent.percent, RolloutEvent.at)
+        .where(RolloutEvent.channel_id == channel.id, RolloutEvent.version.is_not(None))
+        .order_by(RolloutEvent.id)
+    ).all()
+    enrolled = as_utc(device.created_at)
+    before: dict[bool, tuple[int, float | None]] = {}  # what the channel gave when the device enrolled
+    given: list[tuple[bool, int, float | None]] = []
+    for action, version, percent, at in events:
+        if action not in _ASSIGNING and action not in _STAGING:
+            continue
+        staged = action in _STAGING
+        moment = as_utc(at)
+        if enrolled is not None and moment is not None and moment < enrolled:
+            before[staged] = (version, percent)
+        else:
+            given.append((staged, version, percent))
+    given += [(staged, version, percent) for staged, (version, percent) in before.items()]
+    for staged, version, percent in given:
+        if not staged or bucket(device_id, model, channel.name, version) < (percent or 0.0):
+            versions.add(version)
+    return versions, device.channel
+
+
+def require_assigned(session: Session, device_id: str, model: str, version: int) -> None:
+    """A device's report counts only for a version the server assigned it (403 `not_assigned`): a device
+    outside a rollout cannot pause it, and no device can claim to run a version it never got (and so
+    keep it from being deleted)."""
+    versions, channel = versions_assigned(session, device_id, model)
+    if version not in versions:
+        raise PermissionDeniedError(
+            f"device {device_id} was never assigned version {version} of model {model} (channel {channel!r}): "
+            "a device reports only about versions the server sent it",
+            code="not_assigned",
+        )
 
 
 def require_own(device: DeviceIdentity, device_id: str) -> None:

@@ -14,6 +14,9 @@
     │   └── InvalidPhotoError          422  (400/413 by code) a photo `preprocessing` refuses
     └── BackendError                   failures of the world, not of the caller
         ├── BackendUnavailableError    503  TF Serving down, timing out, or the version not loaded yet
+        │   └── DatabaseUnavailableError  503  the database cannot be reached or is locked (Retry-After)
+        ├── DiskFullError              507  no space left for the database, artifacts or uploads
+        ├── ServerBusyError            503  too many photos being decoded at once (Retry-After)
         └── BackendFailedError         502  the backend answered, but with an error we cannot pass on
 
 Every error renders as `{"error": {"code": ..., "message": ...}}`; `message` is one sentence that names
@@ -140,6 +143,30 @@ class BackendUnavailableError(BackendError):
 
     def __init__(self, message: str, *, retry_after_s: int = 5, code: str | None = None) -> None:
         super().__init__(message, code=code, headers={"Retry-After": str(max(1, int(retry_after_s)))})
+        self.retry_after_s = retry_after_s
+
+
+class DatabaseUnavailableError(BackendUnavailableError):
+    """Raised when the database cannot be reached, refuses connections or stays locked (503, Retry-After)."""
+
+    default_code = "database_unavailable"
+
+
+class DiskFullError(BackendError):
+    """Raised when a write fails for want of space (ENOSPC, SQLite's "database or disk is full") (507)."""
+
+    status = 507
+    default_code = "disk_full"
+
+
+class ServerBusyError(BackendError):
+    """Raised when the decode budget stayed full for the whole wait: the photo is fine, send it again (503)."""
+
+    status = 503
+    default_code = "busy"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, int(retry_after_s)))})
         self.retry_after_s = retry_after_s
 
 

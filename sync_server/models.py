@@ -4,6 +4,7 @@
             │                                       and the content hash of each bundle file
             ├─ channels ── rollout_events           per-model channels: the version, the previous one,
             │                                       a staged rollout (candidate, percent, state)
+            ├─ enrollment_tokens                    expiring, revocable credentials for enrolling devices
             └─ devices ─┬─ device_status            the latest load / smoke-test / rollback report per version
                         └─ telemetry                periodic counts, confidence histogram, latency; at most
                                                     one row per (device, idempotency key)
@@ -149,8 +150,29 @@ class Device(Base):
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_seen_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: The enrolment token this device enrolled with (None: the fleet secret).
+    enrollment_token_id: Mapped[str | None] = mapped_column(String(24), nullable=True, index=True)
 
     model: Mapped[Model] = relationship()
+
+
+class EnrollmentToken(Base):
+    """A credential an admin created for enrolling devices: expires, may be used `max_uses` times, may
+    be limited to one model (and set the channel), and can be revoked. Only its SHA-256 is kept."""
+
+    __tablename__ = "enrollment_tokens"
+
+    id: Mapped[str] = mapped_column(String(24), primary_key=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), nullable=True)
+    channel: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    note: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    max_uses: Mapped[int] = mapped_column(Integer)
+    uses: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class DeviceStatus(Base):

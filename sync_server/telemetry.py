@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .db import Database
+from .devices import require_assigned
 from .errors import BadRequestError
 from .models import Device, Telemetry
 from .registry import find_model, require_version
@@ -45,6 +46,7 @@ def record(db: Database, device_id: str, model: str, report: dict[str, Any], ide
     try:
         with db.write() as session:
             require_version(session, find_model(session, model), report["version"])
+            require_assigned(session, device_id, model, report["version"])  # 403: never assigned to it
             if key is not None and _seen(session, device_id, key):
                 return {"recorded": True, "duplicate": True}
             session.add(_row(device_id, report, key))

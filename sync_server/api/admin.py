@@ -3,21 +3,37 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 from starlette.requests import Request as StarletteRequest
 from starlette.types import Message, Receive
 
 from ..bundles import remove_tree, staging_dir, unpack_archive
+from ..enrollment import EnrollmentTokens
 from ..errors import BadRequestError, PayloadTooLargeError
 from ..rollout import check_channel_name
 from ..services import Services
 from . import auth
-from .schemas import ChannelVersion, DeviceUpdate, PauseRequest, RolloutRequest
+from .schemas import (
+    MAX_CHANNEL_NAME,
+    MAX_MODEL_NAME,
+    ChannelName,
+    ChannelVersion,
+    DeviceId,
+    DeviceUpdate,
+    EnrollmentTokenRequest,
+    ModelName,
+    PauseRequest,
+    RolloutRequest,
+    Version,
+    VersionQuery,
+    responses,
+)
 
 router = APIRouter(prefix="/v1", tags=["admin"], dependencies=[Depends(auth.admin)])
 
@@ -44,7 +60,7 @@ _PUBLISH_DOC = {
 # --- models and versions ---------------------------------------------------------------------------
 
 
-@router.post("/models", openapi_extra=_PUBLISH_DOC, status_code=201)
+@router.post("/models", openapi_extra=_PUBLISH_DOC, status_code=201, responses=responses(400, 409))
 async def publish(request: Request, state: Services = Depends(auth.services)) -> JSONResponse:
     """Publish a signed bundle with its SavedModel (multipart: `bundle`, `saved_model` tars; optional `channel`).
 
@@ -116,25 +132,25 @@ def _limited_receive(receive: Receive, limit: int) -> Receive:
     return wrapped
 
 
-@router.get("/models")
+@router.get("/models", responses=responses())
 def list_models(state: Services = Depends(auth.services)) -> list[dict[str, Any]]:
     """Every model with its versions and channels."""
     return state.registry.list_models()
 
 
-@router.get("/models/{name}")
-def get_model(name: str, state: Services = Depends(auth.services)) -> dict[str, Any]:
+@router.get("/models/{name}", responses=responses(404))
+def get_model(name: ModelName, state: Services = Depends(auth.services)) -> dict[str, Any]:
     return state.registry.get_model(name)
 
 
-@router.get("/models/{name}/versions/{version}")
-def get_version(name: str, version: int, state: Services = Depends(auth.services)) -> dict[str, Any]:
+@router.get("/models/{name}/versions/{version}", responses=responses(404))
+def get_version(name: ModelName, version: Version, state: Services = Depends(auth.services)) -> dict[str, Any]:
     """A version: manifest, labels, content hashes and download URLs of its files."""
     return state.registry.get_version(name, version)
 
 
-@router.delete("/models/{name}/versions/{version}")
-def delete_version(name: str, version: int, dry_run: bool = False, state: Services = Depends(auth.services)) -> dict[str, Any]:
+@router.delete("/models/{name}/versions/{version}", responses=responses(404, 409))
+def delete_version(name: ModelName, version: Version, dry_run: bool = False, state: Services = Depends(auth.services)) -> dict[str, Any]:
     """Delete a version nothing uses: its files and its SavedModel are removed, its number stays taken.
 
     409 `version_in_use` while a channel names it, `version_running` while a device runs it,
@@ -143,8 +159,8 @@ def delete_version(name: str, version: int, dry_run: bool = False, state: Servic
     return state.registry.delete_version(name, version, dry_run=dry_run)
 
 
-@router.get("/models/{name}/telemetry")
-def telemetry(name: str, version: int | None = Query(None, ge=1), state: Services = Depends(auth.services)) -> dict[str, Any]:
+@router.get("/models/{name}/telemetry", responses=responses(404))
+def telemetry(name: ModelName, version: VersionQuery = None, state: Services = Depends(auth.services)) -> dict[str, Any]:
     """Device telemetry summed per version: predictions, fallbacks, fallback rate, histogram, latency."""
     return state.devices.telemetry_summary(name, version)
 
@@ -152,46 +168,46 @@ def telemetry(name: str, version: int | None = Query(None, ge=1), state: Service
 # --- channels and rollouts -------------------------------------------------------------------------
 
 
-@router.get("/models/{name}/channels/{channel}")
-def get_channel(name: str, channel: str, state: Services = Depends(auth.services)) -> dict[str, Any]:
+@router.get("/models/{name}/channels/{channel}", responses=responses(400, 404))
+def get_channel(name: ModelName, channel: ChannelName, state: Services = Depends(auth.services)) -> dict[str, Any]:
     """The channel's version, rollout, history and devices per assigned version."""
     return state.rollouts.get(name, channel)
 
 
-@router.put("/models/{name}/channels/{channel}")
-def set_channel(name: str, channel: str, body: ChannelVersion, state: Services = Depends(auth.services)) -> dict[str, Any]:
+@router.put("/models/{name}/channels/{channel}", responses=responses(400, 404))
+def set_channel(name: ModelName, channel: ChannelName, body: ChannelVersion, state: Services = Depends(auth.services)) -> dict[str, Any]:
     """Make `version` the channel's version for every device, now (creates the channel)."""
     return state.rollouts.set_version(name, channel, body.version)
 
 
-@router.post("/models/{name}/channels/{channel}/rollout")
-def rollout(name: str, channel: str, body: RolloutRequest, state: Services = Depends(auth.services)) -> dict[str, Any]:
+@router.post("/models/{name}/channels/{channel}/rollout", responses=responses(400, 404, 409))
+def rollout(name: ModelName, channel: ChannelName, body: RolloutRequest, state: Services = Depends(auth.services)) -> dict[str, Any]:
     """Start a staged rollout of `version` to `percent` of the channel's devices, or change its percentage."""
     return state.rollouts.start(
         name, channel, body.version, body.percent, failure_threshold=body.failure_threshold, min_reports=body.min_reports
     )
 
 
-@router.post("/models/{name}/channels/{channel}/rollout/promote")
-def promote(name: str, channel: str, state: Services = Depends(auth.services)) -> dict[str, Any]:
+@router.post("/models/{name}/channels/{channel}/rollout/promote", responses=responses(400, 404, 409))
+def promote(name: ModelName, channel: ChannelName, state: Services = Depends(auth.services)) -> dict[str, Any]:
     """The rollout's version becomes the channel's version for every device."""
     return state.rollouts.promote(name, channel)
 
 
-@router.post("/models/{name}/channels/{channel}/rollout/pause")
-def pause(name: str, channel: str, body: PauseRequest | None = None, state: Services = Depends(auth.services)) -> dict[str, Any]:
+@router.post("/models/{name}/channels/{channel}/rollout/pause", responses=responses(400, 404, 409))
+def pause(name: ModelName, channel: ChannelName, body: PauseRequest | None = None, state: Services = Depends(auth.services)) -> dict[str, Any]:
     """Stop sending the rollout's version to any device (they go back to the channel's version)."""
     return state.rollouts.pause(name, channel, body.reason if body else None)
 
 
-@router.post("/models/{name}/channels/{channel}/rollout/resume")
-def resume(name: str, channel: str, state: Services = Depends(auth.services)) -> dict[str, Any]:
+@router.post("/models/{name}/channels/{channel}/rollout/resume", responses=responses(400, 404, 409))
+def resume(name: ModelName, channel: ChannelName, state: Services = Depends(auth.services)) -> dict[str, Any]:
     """Continue a paused rollout at its percentage."""
     return state.rollouts.resume(name, channel)
 
 
-@router.post("/models/{name}/channels/{channel}/rollback")
-def rollback(name: str, channel: str, state: Services = Depends(auth.services)) -> dict[str, Any]:
+@router.post("/models/{name}/channels/{channel}/rollback", responses=responses(400, 404, 409))
+def rollback(name: ModelName, channel: ChannelName, state: Services = Depends(auth.services)) -> dict[str, Any]:
     """Drop the rollout in progress; with none, return the channel to its previous version."""
     return state.rollouts.rollback(name, channel)
 
@@ -199,31 +215,64 @@ def rollback(name: str, channel: str, state: Services = Depends(auth.services)) 
 # --- devices and TF Serving ------------------------------------------------------------------------
 
 
-@router.get("/devices")
+@router.get("/devices", responses=responses())
 def list_devices(
-    model: str | None = None, channel: str | None = None, state: Services = Depends(auth.services)
+    model: str | None = Query(None, max_length=MAX_MODEL_NAME), channel: str | None = Query(None, max_length=MAX_CHANNEL_NAME),
+    state: Services = Depends(auth.services)
 ) -> list[dict[str, Any]]:
     return state.devices.list(model, channel)
 
 
-@router.get("/devices/{device_id}")
-def get_device(device_id: str, state: Services = Depends(auth.services)) -> dict[str, Any]:
+@router.get("/devices/{device_id}", responses=responses(404))
+def get_device(device_id: DeviceId, state: Services = Depends(auth.services)) -> dict[str, Any]:
     return state.devices.get(device_id)
 
 
-@router.patch("/devices/{device_id}")
-def update_device(device_id: str, body: DeviceUpdate, state: Services = Depends(auth.services)) -> dict[str, Any]:
+@router.patch("/devices/{device_id}", responses=responses(400, 404))
+def update_device(device_id: DeviceId, body: DeviceUpdate, state: Services = Depends(auth.services)) -> dict[str, Any]:
     """Move a device to another channel (its stream is told at once)."""
     return state.devices.update(device_id, body.channel)
 
 
-@router.delete("/devices/{device_id}")
-def revoke_device(device_id: str, state: Services = Depends(auth.services)) -> dict[str, Any]:
+@router.delete("/devices/{device_id}", responses=responses(404))
+def revoke_device(device_id: DeviceId, state: Services = Depends(auth.services)) -> dict[str, Any]:
     """Revoke a device's token."""
     return state.devices.revoke(device_id)
 
 
-@router.get("/serving")
+# --- enrolment tokens ----------------------------------------------------------------------------
+
+
+@router.post("/enrollment-tokens", status_code=201, responses=responses(400, 404))
+def create_enrollment_token(body: EnrollmentTokenRequest, state: Services = Depends(auth.services)) -> dict[str, Any]:
+    """A new enrolment token (`et_...`, shown only in this answer): expires, enrols at most `max_uses`
+    devices, optionally only of `model` and onto `channel`. Devices present it as the enrolment secret."""
+    return _tokens(state).create(
+        expires_in_s=body.expires_in_s, max_uses=body.max_uses, model=body.model, channel=body.channel, note=body.note
+    )
+
+
+@router.get("/enrollment-tokens", responses=responses())
+def list_enrollment_tokens(state: Services = Depends(auth.services)) -> list[dict[str, Any]]:
+    """Every enrolment token with its uses, expiry and state (never the token itself)."""
+    return _tokens(state).list()
+
+
+@router.delete("/enrollment-tokens/{token_id}", responses=responses(404))
+def revoke_enrollment_token(
+    token_id: Annotated[str, PathParam(min_length=1, max_length=24)],
+    devices: bool = Query(False, description="also revoke every device enrolled with it (a leaked token)"),
+    state: Services = Depends(auth.services),
+) -> dict[str, Any]:
+    """Revoke an enrolment token at once; `?devices=true` revokes the devices it enrolled too."""
+    return _tokens(state).revoke(token_id, devices=devices)
+
+
+def _tokens(state: Services) -> EnrollmentTokens:
+    return EnrollmentTokens(state.db, on_change=state.devices.on_change)
+
+
+@router.get("/serving", responses=responses())
 def serving(state: Services = Depends(auth.services)) -> dict[str, Any]:
     """What the TF Serving config says, what is loaded, and any version that failed to load."""
     return {

@@ -10,41 +10,46 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import AsyncIterator
+from typing import Annotated, AsyncIterator
 
 import anyio
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, StreamingResponse
 
-from ..errors import PermissionDeniedError, RangeNotSatisfiableError
+from ..errors import NotFoundError, RangeNotSatisfiableError
 from ..services import Services
 from . import auth
+from .schemas import responses
 
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
 
 CACHE_CONTROL = "private, max-age=31536000, immutable"
 _RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
 _CHUNK = 256 * 1024
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_MAX_DIGITS = 18  # a range number longer than this is past the end of any file
 
 
 @router.head("/{sha256}", include_in_schema=False)
-@router.get("/{sha256}")
+@router.get("/{sha256}", responses=responses(304, 404, 416))
 def download(
-    sha256: str,
+    sha256: Annotated[str, PathParam(min_length=1, max_length=128, description="the file's SHA-256 (64 hex digits)")],
     request: Request,
     who: auth.Caller = Depends(auth.caller),
     state: Services = Depends(auth.services),
 ) -> Response:
-    """Download a bundle file. Devices may fetch only files of the version assigned to them."""
-    path = state.artifacts.open_path(sha256)
+    """Download a bundle file. Devices may fetch only files of the version assigned to them: any other
+    hash, known or not, gets the same 404, so a device cannot learn which files exist."""
     if who.device is not None:
         assigned = state.devices.cached_assignment(who.device) or state.devices.assignment(who.device)
-        owners = state.registry.versions_with_artifact(sha256)
+        owners = state.registry.versions_with_artifact(sha256) if _HEX64.match(sha256) else []
         if (who.device.model, assigned.version) not in owners:
-            raise PermissionDeniedError(
-                f"artifact {sha256[:12]}… is not part of the version assigned to device {who.device.id}",
-                code="not_assigned",
+            raise NotFoundError(
+                f"no artifact {sha256[:64]!r} among the files of the version assigned to device {who.device.id}",
+                code="unknown_artifact",
             )
+    path = state.artifacts.open_path(sha256)
     etag = f'"{sha256}"'
     size = path.stat().st_size
     headers = {"ETag": etag, "Cache-Control": CACHE_CONTROL, "Accept-Ranges": "bytes"}
@@ -79,9 +84,15 @@ def _byte_range(header: str | None, if_range: str | None, etag: str, size: int) 
     match = _RANGE.match(header)
     if match is None:
         return None  # several ranges or unparsable: ignore
-    first, last = match.groups()
+    first, last = (g.lstrip("0") or ("0" if g else "") for g in match.groups())
     if first == "" and last == "":
         return None
+    if len(first) > _MAX_DIGITS:  # no artifact is 10^18 bytes: past the end (and no 5000-digit int())
+        raise RangeNotSatisfiableError(
+            f"the range starts past the artifact's {size} bytes", headers={"Content-Range": f"bytes */{size}"}
+        )
+    if len(last) > _MAX_DIGITS:
+        last = str(size - 1) if first != "" else str(size)  # an end or suffix past the end: up to the end
     if first == "":
         length = int(last)
         if length == 0:

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import anyio
 from fastapi import Depends, Request
 
-from ..devices import DeviceIdentity
+from ..devices import DeviceIdentity, require_own
 from ..errors import AuthenticationError, PermissionDeniedError
 from ..services import Services
+from .schemas import DeviceId
 
 
 async def services(request: Request) -> Services:
@@ -65,6 +66,15 @@ async def device(who: Caller = Depends(caller)) -> DeviceIdentity:
     if who.device is None:
         raise PermissionDeniedError("this call needs a device token (the admin token is not a device)", code="device_only")
     return who.device
+
+
+async def own_device(
+    device_id: DeviceId, who: DeviceIdentity = Depends(device)
+) -> DeviceIdentity:
+    """The calling device, if the path's `device_id` is its own (403 otherwise). A dependency, so it
+    runs before any answer starts: a stream for another device's id is refused, not broken mid-way."""
+    require_own(who, device_id)
+    return who
 
 
 async def current_assignment(state: Services, device: DeviceIdentity):  # type: ignore[no-untyped-def]

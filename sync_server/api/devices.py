@@ -9,34 +9,39 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from ..devices import DeviceIdentity, require_own
+from ..devices import DeviceIdentity
 from ..errors import AuthenticationError
 from ..services import Services
 from . import auth
-from .schemas import EnrollRequest, StatusReport, TelemetryReport
+from .schemas import DeviceId, EnrollRequest, StatusReport, TelemetryReport, responses
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"])
 
 
-@router.post("/enroll", status_code=201)
+@router.post("/enroll", status_code=201, responses=responses(400, 404))
 def enroll(body: EnrollRequest, request: Request, state: Services = Depends(auth.services)) -> dict:
-    """Enrol a device with `Authorization: Bearer ENROLLMENT_SECRET`; answers its id and token (shown once)."""
+    """Enrol a device with `Authorization: Bearer ENROLLMENT_TOKEN`; answers its id and token (shown once).
+
+    The enrolment token comes from an admin (`POST /v1/enrollment-tokens`); the fleet-wide enrolment
+    secret works too when the server was given one. 403 when the token is for another model or channel.
+    """
     try:
         secret = auth.bearer_token(request)
     except AuthenticationError as exc:
-        raise AuthenticationError("enrolment needs 'Authorization: Bearer ENROLLMENT_SECRET'", code=exc.code) from None
+        raise AuthenticationError(
+            "enrolment needs 'Authorization: Bearer ENROLLMENT_TOKEN' (or the fleet's ENROLLMENT_SECRET)", code=exc.code
+        ) from None
     return state.devices.enroll(secret, body.model, body.channel, body.name)
 
 
-@router.get("/{device_id}/assignment")
+@router.get("/{device_id}/assignment", responses=responses(304))
 async def assignment(
-    device_id: str,
+    device_id: DeviceId,
     request: Request,
-    device: DeviceIdentity = Depends(auth.device),
+    device: DeviceIdentity = Depends(auth.own_device),
     state: Services = Depends(auth.services),
 ) -> Response:
     """The version this device should run, with its manifest and file URLs. ETag; 304 when unchanged."""
-    require_own(device, device_id)
     current = await auth.current_assignment(state, device)
     headers = {"ETag": current.etag, "Cache-Control": "no-cache"}
     if _etag_matches(request.headers.get("if-none-match"), current.etag):
@@ -45,11 +50,11 @@ async def assignment(
     return JSONResponse(view, headers=headers)
 
 
-@router.get("/{device_id}/events", response_class=EventSourceResponse)
+@router.get("/{device_id}/events", response_class=EventSourceResponse, responses=responses())
 async def events(
-    device_id: str,
+    device_id: DeviceId,
     request: Request,
-    device: DeviceIdentity = Depends(auth.device),
+    device: DeviceIdentity = Depends(auth.own_device),
     state: Services = Depends(auth.services),
 ) -> AsyncIterator[ServerSentEvent]:
     """Server-Sent Events: an `assignment` event now and whenever this device's assignment changes.
@@ -58,7 +63,6 @@ async def events(
     idle connections open. Reconnect on any error (polling the assignment with If-None-Match is the
     fallback).
     """
-    require_own(device, device_id)
     subscription = state.hub.subscribe(device.model)
     keepalive = state.config.sse_keepalive_s
     last_etag = request.headers.get("last-event-id")
@@ -87,11 +91,11 @@ async def events(
         state.hub.unsubscribe(subscription)
 
 
-@router.post("/{device_id}/status")
+@router.post("/{device_id}/status", responses=responses(400, 404))
 def status(
-    device_id: str,
+    device_id: DeviceId,
     body: StatusReport,
-    device: DeviceIdentity = Depends(auth.device),
+    device: DeviceIdentity = Depends(auth.own_device),
     state: Services = Depends(auth.services),
     idempotency_key: str | None = Header(
         None, alias="Idempotency-Key", description="1-64 visible ASCII characters; a resent report with it counts once"
@@ -99,11 +103,13 @@ def status(
 ) -> dict:
     """Report a version's load and smoke-test result, or its rollback (`details.rolled_back: true`).
 
+    Only about a version the server assigned this device (403 `not_assigned` otherwise): a device
+    outside a rollout cannot pause it, nor claim to run a version it never got.
+
     Failures and rollbacks can pause a rollout. A report is an upsert per (device, version). Resent
     with the `Idempotency-Key` of the report that last changed it, it changes nothing and the answer
     says `duplicate`: an old failure sent again after a paused rollout was resumed does not count anew.
     """
-    require_own(device, device_id)
     return state.devices.record_status(
         device,
         body.version,
@@ -116,11 +122,11 @@ def status(
     )
 
 
-@router.post("/{device_id}/telemetry", status_code=202)
+@router.post("/{device_id}/telemetry", status_code=202, responses=responses(400, 404))
 def telemetry(
-    device_id: str,
+    device_id: DeviceId,
     body: TelemetryReport,
-    device: DeviceIdentity = Depends(auth.device),
+    device: DeviceIdentity = Depends(auth.own_device),
     state: Services = Depends(auth.services),
     idempotency_key: str | None = Header(
         None, alias="Idempotency-Key", description="1-64 visible ASCII characters; a resent report with it counts once"
@@ -130,7 +136,6 @@ def telemetry(
 
     With an `Idempotency-Key` the device already used, nothing is stored and the answer says `duplicate`.
     """
-    require_own(device, device_id)
     return state.devices.record_telemetry(device, body.model_dump(), idempotency_key)
 
 

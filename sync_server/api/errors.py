@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 from typing import Any
 
@@ -10,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from ..errors import SyncServerError
+from ..errors import DiskFullError, SyncServerError
 
 log = logging.getLogger("sync_server.api")
 
@@ -60,6 +61,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        known = world_error(exc)
+        if known is not None:  # a full disk or an unreachable database that no module translated
+            return await _ours(request, known)
         request_id = getattr(request.state, "request_id", "-")
         log.error("unhandled error", exc_info=exc, extra={"request_id": request_id, "path": request.url.path})
         request.state.error_code = "internal"
@@ -67,6 +71,21 @@ def install(app: FastAPI) -> None:
             500, "internal", f"internal server error (request {request_id}); the server log has the details",
             {"X-Request-ID": request_id},
         )
+
+
+def world_error(exc: BaseException) -> SyncServerError | None:
+    """The SyncServerError for a failure of the world that reached the handler untranslated: ENOSPC
+    anywhere (artifact store, staging, TF Serving repository) is 507, a database error 503 or 507."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from ..db import translate_error
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(f"the server's disk is full ({exc.strerror}); free space on the server and try again")
+    if isinstance(exc, SQLAlchemyError):
+        translated = translate_error(exc)
+        return translated if isinstance(translated, SyncServerError) else None
+    return None
 
 
 def describe_validation(errors: Any) -> str:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import anyio
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 
 from ..errors import (
@@ -17,6 +20,7 @@ from ..errors import (
 from ..rollout import DEFAULT_CHANNEL
 from ..services import Services
 from . import auth
+from .schemas import MAX_VERSION, responses
 
 router = APIRouter(prefix="/v1/models", tags=["fallback"])
 
@@ -29,12 +33,12 @@ _BODY_DOC = {
 }
 
 
-@router.post("/{name}/predict", openapi_extra=_BODY_DOC)
+@router.post("/{name}/predict", openapi_extra=_BODY_DOC, responses=responses(400, 404, 409, 502))
 async def predict(
-    name: str,
+    name: Annotated[str, PathParam(max_length=100)],
     request: Request,
-    version: int | None = Query(None, ge=1, description="version to ask (default: the device's assigned version)"),
-    channel: str | None = Query(None, description="admin only: ask the version of this channel (default stable)"),
+    version: int | None = Query(None, ge=1, le=MAX_VERSION, description="version to ask (default: the device's assigned version; a device may ask only versions it was assigned)"),
+    channel: str | None = Query(None, max_length=64, description="admin only: ask the version of this channel (default stable)"),
     top_k: int = Query(5, ge=1, le=100, description="how many categories to return"),
     who: auth.Caller = Depends(auth.caller),
     state: Services = Depends(auth.services),
@@ -47,9 +51,9 @@ async def predict(
     """
     outcome = "ok"
     try:
+        resolved = await _resolve_version(state, who, name, version, channel)  # first: 403 whatever the backend
         if state.prediction is None:
             raise BackendUnavailableError("this server has no prediction backend", retry_after_s=60)
-        resolved = await _resolve_version(state, who, name, version, channel)
         photo = await _read_body(request, state.config.limits.max_image_bytes)
         result = await state.prediction.predict(name, resolved, photo, top_k)
         return JSONResponse(result.to_dict())
@@ -64,9 +68,11 @@ async def _resolve_version(state: Services, who: auth.Caller, name: str, version
     if who.device is not None:
         if who.device.model != name:
             raise PermissionDeniedError(f"device {who.device.id} runs model {who.device.model!r}, not {name!r}", code="forbidden")
-        if version is not None:
-            return version
         assigned = await auth.current_assignment(state, who.device)
+        if version is not None:
+            if version != assigned.version:  # 403 `not_assigned` unless the server once assigned it
+                await anyio.to_thread.run_sync(state.devices.check_assigned, who.device, version)
+            return version
         if assigned.version is None:
             raise ConflictError(f"device {who.device.id} has no assigned version of {name!r} yet; pass ?version=", code="no_assignment")
         return assigned.version
