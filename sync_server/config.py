@@ -51,6 +51,12 @@ class UploadLimits:
     max_upload_bytes: int = 1024 * MiB  # a publish: bundle + SavedModel archives together
     max_image_bytes: int = 20 * MiB  # one photo for the fallback
     max_image_pixels: int = 50_000_000  # checked from the header, before decoding
+    # A fallback needs a few hundred pixels: a JPEG decodes at 1/8 scale (a 50 MP one: 0.8 MP), but
+    # PNG, WebP, BMP and GIF decode at full size, so they get this lower limit (16 MP: any phone's
+    # full-size still; 64 MB as RGBA).
+    max_decoded_pixels: int = 16_000_000
+    decode_budget_bytes: int = 512 * MiB  # decoded pixels of all photos being prepared at once
+    decode_wait_s: float = 2.0  # longest a photo waits for room in the budget before 503 busy
     max_json_bytes: int = 1 * MiB  # status, telemetry and admin calls
 
 
@@ -219,6 +225,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits.max_upload_bytes", "--max-upload-bytes", int, "largest publish upload (default 1 GiB)", "BYTES"),
     Setting("limits.max_image_bytes", "--max-image-bytes", int, "largest photo for the fallback (default 20 MiB)", "BYTES"),
     Setting("limits.max_image_pixels", "--max-image-pixels", int, "most pixels in a photo (default 50 million)", "N"),
+    Setting("limits.max_decoded_pixels", "--max-decoded-pixels", int, "most pixels of a photo decoded at full size: PNG, WebP, BMP, GIF (default 16 million; JPEGs decode scaled)", "N"),
+    Setting("limits.decode_budget_bytes", "--decode-budget", int, "bytes of decoded pixels of all photos being prepared at once (default 512 MiB)", "BYTES"),
+    Setting("limits.decode_wait_s", "--decode-wait", float, "seconds a photo waits for room in the decode budget before 503 busy (default 2)", "S"),
     Setting("rollout.failure_threshold", "--rollout-failure-threshold", float, "failed fraction of device reports that pauses a rollout (default 0.2)", "F"),
     Setting("rollout.min_reports", "--rollout-min-reports", int, "reports needed before a rollout can pause itself (default 5)", "N"),
     Setting("push_poll_s", "--push-poll", float, "seconds between checks for changes made by other instances (default 1)", "S"),
@@ -263,6 +272,9 @@ def _check(config: ServerConfig) -> None:
     positive(config.limits.max_upload_bytes, "the upload limit")
     positive(config.limits.max_image_bytes, "the photo size limit")
     positive(config.limits.max_image_pixels, "the photo pixel limit")
+    positive(config.limits.max_decoded_pixels, "the decoded pixel limit")
+    positive(config.limits.decode_budget_bytes, "the decode budget")
+    positive(config.limits.decode_wait_s, "the decode wait", allow_zero=True)
     positive(config.tf_serving.timeout_s, "the TF Serving timeout")
     positive(config.tf_serving.retries, "the TF Serving retries", allow_zero=True)
     positive(config.push_poll_s, "the push poll interval")

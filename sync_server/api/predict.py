@@ -47,7 +47,7 @@ async def predict(
 
     Answers `{"model": {"name", "version"}, "top_k": [{"label", "score"}], "latency_ms"}`. A bad photo
     gets 422 (400 when empty, 413 when too large) with the preprocessing code; a backend that is down
-    or still loading the version gets 503 with Retry-After.
+    or still loading the version, or a server busy decoding other photos (`busy`), gets 503 with Retry-After.
     """
     outcome = "ok"
     try:

@@ -14,10 +14,10 @@ from typing import Callable
 import anyio
 import numpy as np
 
-from preprocessing import DecodeLimits, InvalidImageError, preprocess
+from preprocessing import DecodeBudget, DecodeBusyError, DecodeLimits, InvalidImageError, preprocess
 
 from ..config import BatchingOptions, UploadLimits
-from ..errors import InvalidPhotoError
+from ..errors import InvalidPhotoError, ServerBusyError
 from .base import Predictor
 from .batching import Batcher
 
@@ -65,7 +65,11 @@ class PredictionService:
         self.predictor = predictor
         self._version_info = version_info
         self._cached_info = cached_info or (lambda _name, _version: None)
-        self._decode_limits = DecodeLimits(max_pixels=limits.max_image_pixels, max_bytes=limits.max_image_bytes)
+        self._decode_limits = DecodeLimits(
+            max_pixels=limits.max_image_pixels, max_bytes=limits.max_image_bytes, max_decoded_pixels=limits.max_decoded_pixels
+        )
+        # Every prepare thread decodes inside one budget: no request mix holds more decoded pixels.
+        self.decode_budget = DecodeBudget(limits.decode_budget_bytes, wait_s=limits.decode_wait_s)
         self._on_batch = on_batch
         self._prepare_limiter = anyio.CapacityLimiter(prepare_threads)
         self.batcher = Batcher(self._run_batch, batching, on_batch) if batching.enabled else None
@@ -94,9 +98,11 @@ class PredictionService:
 
     def _prepare(self, photo: bytes, spec) -> np.ndarray:  # type: ignore[no-untyped-def]
         try:
-            return preprocess(photo, spec, limits=self._decode_limits)
+            return preprocess(photo, spec, limits=self._decode_limits, budget=self.decode_budget)
         except InvalidImageError as exc:
             raise InvalidPhotoError(exc.code, exc.message) from exc
+        except DecodeBusyError as exc:
+            raise ServerBusyError(exc.message, retry_after_s=exc.retry_after_s) from exc
 
     async def _run_batch(self, key: object, batch: np.ndarray) -> np.ndarray:
         name, version = key  # type: ignore[misc]
