@@ -155,13 +155,18 @@ class BundleMaker:
         self.model = bundle.read_model()
         self.manifest = bundle.manifest
 
-    def make(self, name: str, version: int, *, key: Path | None = None) -> Path:
+    def make(self, name: str, version: int, *, key: Path | None = None, pad: int = 0) -> Path:
+        """`pad` bytes of zeros after the model (a bigger file that loads the same: flatbuffers ignore them)."""
         from converter import write_bundle
 
-        path = self.root / f"{name}-v{version}-{(key or self.publisher.private_key).name}"
+        path = self.root / (f"{name}-v{version}-{(key or self.publisher.private_key).name}" + (f"-pad{pad}" if pad else ""))
         if not path.exists():
-            manifest = dataclasses.replace(self.manifest, name=name, version=version)
-            write_bundle(path, self.model, manifest, sign_key=key or self.publisher.private_key)
+            from converter.bundle import sha256_hex
+
+            model = self.model + bytes(pad)
+            manifest = dataclasses.replace(self.manifest, name=name, version=version, model_sha256=sha256_hex(model),
+                                           model_size=len(model))
+            write_bundle(path, model, manifest, sign_key=key or self.publisher.private_key)
         return path
 
 

@@ -165,14 +165,25 @@ def _status(args: argparse.Namespace) -> int:
 
     paths = AgentPaths.at(args.home)
     identity = load_identity(paths)
-    state = ModelStore(paths.home).state()
-    queued = Outbox(paths.outbox).count() if paths.outbox.is_file() else 0
+    with warnings.catch_warnings():  # a damaged pointer is rebuilt: said by the agent, not here
+        warnings.simplefilter("ignore")
+        state = ModelStore(paths.home).state()
+    queued, dead, dead_count = 0, [], 0
+    if paths.outbox.is_file():
+        try:
+            outbox = Outbox(paths.outbox, recover=False)
+        except EdgeRuntimeError:
+            pass
+        else:
+            queued, dead, dead_count = outbox.count(), outbox.dead_letters(5), outbox.dead_count()
+            outbox.close()
     live = _live_status(paths)
     report = {
         "device": identity.public_dict(),
         "current": state.current.to_dict() if state.current else None,
         "previous": state.previous.to_dict() if state.previous else None,
         "outbox_queued": queued,
+        "dead_letters": {"count": dead_count, "newest": dead},
         "agent": live,
     }
     if args.json:
@@ -191,10 +202,19 @@ def _status(args: argparse.Namespace) -> int:
     else:
         serving = live.get("serving")
         what = f"{serving['name']} v{serving['version']}" if serving else "nothing yet"
-        rows.append(("agent", f"running (pid {live.get('pid')}) on {live.get('url')}, serving {what}"))
+        following = f"; following: {live['following']}" if live.get("following") else ""
+        rows.append(("agent", f"running (pid {live.get('pid')}) on {live.get('url')}, serving {what}{following}"))
         for name, refusal in (live.get("refused") or {}).items():
-            rows.append(("refused", f"{name.replace(':', ' v')}: {refusal.get('reason')}"))
+            again = refusal.get("retry_at")
+            when = f" (tried again after {_clock(again)})" if isinstance(again, (int, float)) else ""
+            rows.append(("refused", f"{name.replace(':', ' v')}: {refusal.get('reason')}{when}"))
+        if str(live.get("last_error") or "").startswith("disk_full"):
+            rows.append(("disk", str(live["last_error"])))
     rows.append(("outbox", f"{queued} report{'s' if queued != 1 else ''} waiting"))
+    if dead_count:
+        newest = dead[0]
+        rows.append(("dead letters", f"{dead_count} report{'s' if dead_count != 1 else ''} the server refused "
+                                     f"(newest: {newest['kind']} at {_clock(newest['refused'])}, {newest['status']}: {newest['error']})"))
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         print(f"{label:<{width}}  {value}")
@@ -222,6 +242,12 @@ def _live_status(paths) -> dict[str, Any] | None:  # noqa: ANN001
             return json.loads(response.read(1 << 20))
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _clock(at: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
 
 
 def _configure_logging(verbose: bool) -> None:

@@ -70,11 +70,14 @@ class UpdateRefusedError(AgentError):
     """Raised when a candidate version fails verification, loading or its smoke test.
 
     `step` names the step ("files", "signature", "load", "smoke_test"); `load_ok` and `smoke_test_ok`
-    are what the status report to the server says.
+    are what the status report to the server says. `retry_s` is set for a transient reason (the agent
+    died while loading it): the version is tried again after that many seconds.
     """
 
-    def __init__(self, message: str, *, step: str, load_ok: bool, smoke_test_ok: bool | None) -> None:
+    def __init__(self, message: str, *, step: str, load_ok: bool, smoke_test_ok: bool | None,
+                 retry_s: float | None = None) -> None:
         super().__init__(message)
         self.step = step
         self.load_ok = load_ok
         self.smoke_test_ok = smoke_test_ok
+        self.retry_s = retry_s

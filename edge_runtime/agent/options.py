@@ -50,16 +50,21 @@ class HealthPolicy:
 
     For `probation_s` after a switch, the version is rolled back when more than `max_error_rate` of
     at least `min_requests` requests failed inside the model (bad photos do not count), or when the
-    agent crashed `max_crashes` times while running it (or while loading it).
+    agent crashed `max_crashes` times while running it (or while loading it). Only a death while the
+    version was inside the interpreter counts as a crash (a kill or power cut between calls does not);
+    a version refused for crashes is tried again after `crash_retry_s`.
     """
 
     probation_s: float = 600.0
     min_requests: int = 20
     max_error_rate: float = 0.2
     max_crashes: int = 2
+    #: A version refused for crashes (a transient reason) is tried again after this, doubling each time.
+    crash_retry_s: float = 1800.0
 
     def __post_init__(self) -> None:
         _positive(self.probation_s, "the probation time")
+        _positive(self.crash_retry_s, "the wait before a crashed version is tried again")
         _positive(self.min_requests, "the minimum number of requests")
         _positive(self.max_crashes, "the crash limit")
         if not 0 <= self.max_error_rate < 1:

@@ -6,11 +6,22 @@ is how tests inject a faulty version). `ServableHandle` holds the version reques
 pins it for one request; `swap(new)` makes `new` the one later requests get and closes the old one
 as soon as its last in-flight request is done. A swap is a pointer change under a lock: no request
 waits for a load.
+
+`CallMarker` tells a model crash from a power cut or a kill: every call into the interpreter (load,
+smoke test, classify) is noted, while it runs, in a small memory-mapped file (`HOME/agent/in_model`).
+Its pages belong to the kernel's page cache, so they outlive the process: a run that died while a
+version was inside the interpreter (a segfault, an abort, the OOM killer) leaves that version named
+there; a kill -9 or a power cut between calls leaves it empty, and counts against no model. Noting
+costs a few microseconds and no disk write.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import json
+import mmap
+import os
 import threading
 import time
 from pathlib import Path
@@ -26,8 +37,78 @@ from ..store import ModelRef
 _ALL_LABELS = 10_000
 
 
+class CallMarker:
+    """Which versions are inside the interpreter right now, in a file that outlives the process."""
+
+    SIZE = 4096
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._inside: collections.Counter[tuple[str, int, str]] = collections.Counter()
+        self._map: mmap.mmap | None = None
+        self.found: list[tuple[ModelRef, str]] = []
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.found = _parse_marker(os.pread(fd, self.SIZE, 0))  # what the last run was doing when it died
+            os.ftruncate(fd, self.SIZE)
+            self._map = mmap.mmap(fd, self.SIZE)
+        finally:
+            os.close(fd)
+        self._write()
+
+    @contextlib.contextmanager
+    def inside(self, ref: ModelRef, what: str) -> Iterator[None]:
+        """Note `ref` inside the interpreter (`what`: load, smoke_test, invoke) for the block."""
+        key = (ref.name, ref.version, what)
+        with self._lock:
+            self._inside[key] += 1
+            self._write()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._inside[key] -= 1
+                if self._inside[key] <= 0:
+                    del self._inside[key]
+                self._write()
+
+    def close(self) -> None:
+        with self._lock:
+            self._inside.clear()
+            self._write()
+            if self._map is not None:
+                self._map.close()
+                self._map = None
+
+    def _write(self) -> None:
+        if self._map is None:
+            return
+        data = json.dumps(sorted(self._inside)).encode()[: self.SIZE - 8]
+        self._map[4:4 + len(data)] = data
+        self._map[0:4] = len(data).to_bytes(4, "little")  # the length last: a torn note reads as its old length
+
+
+def _parse_marker(raw: bytes) -> list[tuple[ModelRef, str]]:
+    try:
+        length = int.from_bytes(raw[:4], "little")
+        items = json.loads(raw[4:4 + length]) if 0 < length <= len(raw) - 4 else []
+        return [(ModelRef(str(n), int(v)), str(w)) for n, v, w in items]
+    except (ValueError, TypeError):
+        return []
+
+
+#: Used until the agent opens its own (tests that build servables by hand note nothing).
+NO_MARKER = CallMarker()
+
+
 class Servable:
     """A loaded model version that the local API classifies with."""
+
+    marker: CallMarker = NO_MARKER
 
     def __init__(self, classifier: Classifier) -> None:
         self.classifier = classifier
@@ -50,7 +131,9 @@ class Servable:
         """Top-k categories of a photo and the milliseconds taken. A bad photo raises
         `InvalidImageError`; anything else raised is a failure of the model."""
         started = time.perf_counter()
-        categories = self.classifier.run(self.classifier.prepare(data))
+        prepared = self.classifier.prepare(data)
+        with self.marker.inside(self.ref, "invoke"):
+            categories = self.classifier.run(prepared)
         return categories[:top_k], (time.perf_counter() - started) * 1000
 
     def predict(self, prepared: np.ndarray) -> np.ndarray:
@@ -65,7 +148,8 @@ class Servable:
         from converter.smoke import run_smoke_test
 
         bundle = self.classifier.bundle
-        result = run_smoke_test(bundle.manifest.smoke_test, self, bundle.spec, bundle.labels)
+        with self.marker.inside(self.ref, "smoke_test"):
+            result = run_smoke_test(bundle.manifest.smoke_test, self, bundle.spec, bundle.labels)
         return {
             "passed": result.passed,
             "cases": [

@@ -1,15 +1,22 @@
 """What the agent must remember across restarts, in `HOME/agent/state.json` (written atomically).
 
     running     true while a daemon runs: found true at start, the last run crashed
+    boot_id     the kernel's boot id when the daemon started: another one at the next start means the
+                device rebooted (a power cut), which is never the fault of a model
     loading     the candidate being loaded and smoke-tested, with how many runs crashed doing it
     probation   the version switched to last, its previous version, when, and the crashes since
     refused     versions that failed a step or were rolled back, with why: not tried again until
-                the server assigns some other version
+                the server assigns some other version, or, for a transient reason (crashes), until
+                `retry_at` (each new refusal of the same version doubles the wait)
+
+A damaged file (empty, random, half-written, wrong types) is read as an empty state, with a warning:
+what it forgets is at worst one more try of a refused version.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -17,6 +24,20 @@ from typing import Any
 
 from ..store import ModelRef
 from .config import write_json_atomic
+
+log = logging.getLogger("edge_agent.state")
+
+_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+#: The longest a transient refusal waits before the version is tried again.
+MAX_RETRY_S = 24 * 3600.0
+
+
+def boot_id() -> str | None:
+    """This boot of the machine (Linux), or None where unknown."""
+    try:
+        return _BOOT_ID.read_text(encoding="ascii").strip()[:64] or None
+    except OSError:
+        return None
 
 
 def ref_key(ref: ModelRef) -> str:
@@ -29,12 +50,27 @@ class AgentState:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
+        #: True when the last run ended without `stop_run` on this same boot (set by `start_run`).
+        self.rebooted = False
+        self._data: dict[str, Any] = _valid(self._read())
+
+    def _read(self) -> Any:
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-            self._data: dict[str, Any] = data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
-            self._data = {}
-        self._data.setdefault("refused", {})
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            log.warning("cannot read the agent's state %s (%s): starting from an empty one", self.path, exc.strerror or exc)
+            return {}
+        try:
+            data = json.loads(raw[: 1 << 20].decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            data = None
+        if not isinstance(data, dict):
+            log.warning("the agent's state %s was damaged (%d bytes, not a JSON object): starting from an empty one",
+                        self.path, len(raw))
+            return {}
+        return data
 
     # --- reading --------------------------------------------------------------------------------
 
@@ -49,16 +85,27 @@ class AgentState:
             return dict(probation) if probation else None
 
     def refused(self, ref: ModelRef) -> dict[str, Any] | None:
+        """Why `ref` is refused, or None (never refused, or a transient refusal whose wait is over)."""
         with self._lock:
-            return self._data["refused"].get(ref_key(ref))
+            refusal = self._data["refused"].get(ref_key(ref))
+            if refusal and refusal.get("retry_at") is not None and time.time() >= float(refusal["retry_at"]):
+                return None
+            return refusal
 
     # --- changing -------------------------------------------------------------------------------
 
     def start_run(self) -> bool:
-        """Mark a daemon as running; True when the previous run did not stop cleanly (a crash)."""
+        """Mark a daemon as running; True when the previous run did not stop cleanly (a crash).
+
+        Sets `rebooted` when the machine booted since that run started (a power cut, not a crash).
+        """
         with self._lock:
             crashed = bool(self._data.get("running"))
+            now = boot_id()
+            before = self._data.get("boot_id")
+            self.rebooted = crashed and now is not None and before is not None and now != before
             self._data["running"] = True
+            self._data["boot_id"] = now
             self._write()
             return crashed
 
@@ -67,10 +114,26 @@ class AgentState:
             self._data["running"] = False
             self._write()
 
-    def refuse(self, ref: ModelRef, step: str, reason: str) -> None:
+    def refuse(self, ref: ModelRef, step: str, reason: str, *, retry_s: float | None = None) -> dict[str, Any]:
+        """Refuse `ref`: for good (until the server assigns another version), or, with `retry_s`, for a
+        transient reason: until then, doubling with each new refusal of the same version."""
         with self._lock:
-            self._data["refused"][ref_key(ref)] = {"step": step, "reason": reason, "at": time.time()}
+            key = ref_key(ref)
+            now = time.time()
+            refusal: dict[str, Any] = {"step": step, "reason": reason, "at": now}
+            if retry_s is not None:
+                times = int((self._data["refused"].get(key) or {}).get("times", 0)) + 1
+                wait = min(MAX_RETRY_S, retry_s * 2 ** (times - 1))
+                refusal.update(times=times, retry_at=now + wait, transient=True)
+            self._data["refused"][key] = refusal
             self._write()
+            return dict(refusal)
+
+    def accepted(self, ref: ModelRef) -> None:
+        """`ref` was switched to: a transient refusal of it is over."""
+        with self._lock:
+            if self._data["refused"].pop(ref_key(ref), None) is not None:
+                self._write()
 
     def forget_refusals_except(self, ref: ModelRef | None) -> None:
         """The server now assigns `ref`: earlier refusals of other versions no longer apply."""
@@ -128,4 +191,24 @@ class AgentState:
                 self._write()
 
     def _write(self) -> None:
-        write_json_atomic(self.path, self._data)
+        try:
+            write_json_atomic(self.path, self._data)
+        except OSError as exc:  # a full disk: keep going in memory, the next write tries again
+            log.debug("cannot write the agent's state %s: %s", self.path, exc)
+
+
+def _valid(data: dict[str, Any]) -> dict[str, Any]:
+    """Keep only the entries of the expected shape (a hand-edited or damaged file loses the rest)."""
+    out: dict[str, Any] = {"running": data.get("running") is True}
+    if isinstance(data.get("boot_id"), str):
+        out["boot_id"] = data["boot_id"][:64]
+    refused = data.get("refused")
+    out["refused"] = {k: v for k, v in refused.items() if isinstance(k, str) and isinstance(v, dict)} if isinstance(refused, dict) else {}
+    loading = data.get("loading")
+    if isinstance(loading, dict) and isinstance(loading.get("key"), str) and isinstance(loading.get("crashes", 0), int):
+        out["loading"] = {"key": loading["key"], "crashes": loading.get("crashes", 0)}
+    probation = data.get("probation")
+    if (isinstance(probation, dict) and isinstance(probation.get("name"), str) and isinstance(probation.get("version"), int)
+            and isinstance(probation.get("started"), (int, float)) and isinstance(probation.get("crashes", 0), int)):
+        out["probation"] = probation
+    return out

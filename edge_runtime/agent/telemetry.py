@@ -118,8 +118,13 @@ class TelemetryRecorder:
             rows = [(v, self._open[v].to_json()) for v in self._dirty if v in self._open]
             self._dirty.clear()
         if rows:
-            with self.outbox.transaction() as db:
-                db.executemany("INSERT OR REPLACE INTO open_periods (version, data) VALUES (?, ?)", rows)
+            try:
+                with self.outbox.transaction() as db:
+                    db.executemany("INSERT OR REPLACE INTO open_periods (version, data) VALUES (?, ?)", rows)
+            except BaseException:  # a full disk: the counts stay in memory and are saved next time
+                with self._lock:
+                    self._dirty.update(v for v, _ in rows)
+                raise
 
     def close_due(self, *, force: bool = False) -> int:
         """Move periods older than `period_s` (all with `force`) into the outbox; returns how many."""
