@@ -1,7 +1,14 @@
-"""What the source announces: the version a device should run, with its files and manifest."""
+"""What the source announces: the version a device should run, with its files and manifest.
+
+The server's JSON is hostile until checked: `Assignment.from_json` (and `parse_assignment`, from raw
+bytes) turn it into typed objects or raise `InvalidAssignmentError` (a `ValueError`) naming what is
+wrong, and nothing else: a list where an object belongs, a string size, a path trick, a nesting that
+blows the parser's stack. Whatever it was, the follower refuses it with that reason and goes on.
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +17,18 @@ from .download import RemoteFile
 
 #: The files a bundle may have; an assignment naming others is refused (no path tricks).
 BUNDLE_FILES = ("model.tflite", "manifest.json", "manifest.sig", "labels.txt")
+#: The largest file an assignment may declare (a TFLite model for a shop device is megabytes).
+MAX_FILE_BYTES = 4 * 1024**3
+_MAX_TEXT = 2048
+
+
+class InvalidAssignmentError(ValueError):
+    """Raised when the server's assignment is not what the protocol says; `version` is its version when
+    that much could be read (so the refusal can be reported against it)."""
+
+    def __init__(self, message: str, version: int | None = None) -> None:
+        super().__init__(message)
+        self.version = version
 
 
 @dataclass(frozen=True)
@@ -28,22 +47,75 @@ class Assignment:
 
     @classmethod
     def from_json(cls, data: Any, etag: str | None = None) -> "Assignment":
-        """Parse and check the JSON; `ValueError` says what is wrong."""
-        if not isinstance(data, dict) or not isinstance(data.get("model"), str):
-            raise ValueError("the assignment is not an object with a model name")
+        """Check decoded JSON; `InvalidAssignmentError` (a `ValueError`) says what is wrong."""
+        if not isinstance(data, dict):
+            raise InvalidAssignmentError(f"the assignment is {_kind(data)}, not an object")
+        model = data.get("model")
+        if not isinstance(model, str) or not model or len(model) > 200:
+            raise InvalidAssignmentError(f"the assignment's model {_show(model)} is not a model name")
         version = data.get("version")
-        if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
-            raise ValueError(f"the assignment's version {version!r} is not a positive integer")
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int) or not 1 <= version < 2**31):
+            raise InvalidAssignmentError(f"the assignment's version {_show(version)} is not a positive integer")
+        raw_files = data.get("files")
+        if raw_files is None:
+            raw_files = {}
+        if not isinstance(raw_files, dict):
+            raise InvalidAssignmentError(f"the assignment's files are {_kind(raw_files)}, not an object of name: file", version)
         files: dict[str, RemoteFile] = {}
-        for name, item in (data.get("files") or {}).items():
+        for name, item in raw_files.items():
             if name not in BUNDLE_FILES:
-                raise ValueError(f"the assignment lists an unexpected file {name!r}")
-            try:
-                files[name] = RemoteFile(name, str(item["sha256"]), int(item["size"]), str(item["url"]))
-            except (KeyError, TypeError) as exc:
-                raise ValueError(f"the assignment's entry for {name} is incomplete ({exc})") from exc
+                raise InvalidAssignmentError(f"the assignment lists an unexpected file {_show(name)}", version)
+            files[name] = _remote_file(name, item, version)
         if version is not None:
             for needed in ("model.tflite", "manifest.json", "labels.txt"):
                 if needed not in files:
-                    raise ValueError(f"the assignment of version {version} lists no {needed}")
-        return cls(data["model"], version, files, bool(data.get("rollout")), etag)
+                    raise InvalidAssignmentError(f"the assignment of version {version} lists no {needed}", version)
+        rollout = data.get("rollout", False)
+        if rollout is not None and not isinstance(rollout, bool):
+            raise InvalidAssignmentError(f"the assignment's rollout flag {_show(rollout)} is not true or false", version)
+        if etag is not None and (not isinstance(etag, str) or len(etag) > 200):
+            raise InvalidAssignmentError("the assignment's ETag is longer than 200 characters", version)
+        return cls(model, version, files, bool(rollout), etag)
+
+
+def parse_assignment(raw: str | bytes, etag: str | None = None) -> Assignment:
+    """An `Assignment` from the bytes of an answer or an event; `InvalidAssignmentError` when they are not one."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise InvalidAssignmentError(f"the assignment is not JSON ({_first_line(exc)})") from None
+    try:
+        return Assignment.from_json(data, etag)
+    except RecursionError:
+        raise InvalidAssignmentError("the assignment is nested too deeply") from None
+
+
+def _remote_file(name: str, item: Any, version: int | None) -> RemoteFile:
+    if not isinstance(item, dict):
+        raise InvalidAssignmentError(f"the assignment's entry for {name} is {_kind(item)}, not an object", version)
+    sha256, size, url = item.get("sha256"), item.get("size"), item.get("url")
+    if not isinstance(sha256, str):
+        raise InvalidAssignmentError(f"the assignment's entry for {name} has no sha256", version)
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_FILE_BYTES:
+        raise InvalidAssignmentError(f"the assignment's size of {name}, {_show(size)}, is not 0..{MAX_FILE_BYTES} bytes", version)
+    if not isinstance(url, str) or not url or len(url) > _MAX_TEXT or not url.startswith(("/", "http://", "https://")) \
+            or any(ch in url for ch in "\r\n\x00 "):
+        raise InvalidAssignmentError(f"the assignment's URL of {name}, {_show(url)}, is not a path or an http(s) URL", version)
+    try:
+        return RemoteFile(name, sha256, size, url)
+    except ValueError as exc:
+        raise InvalidAssignmentError(str(exc), version) from None
+
+
+def _kind(value: Any) -> str:
+    names = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "true or false", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [exc.__class__.__name__])[0][:200]

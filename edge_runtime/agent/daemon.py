@@ -1,4 +1,5 @@
-"""`Agent`: the long-running process: source → manager → servable, the local API, the outbox.
+"""`Agent`: the long-running process: source → manager → servable, the local API, the outbox, and a
+supervisor that restarts any of their loops that dies (and reports it).
 
     agent = Agent.create_from_options(AgentOptions(home=..., serve=ServeOptions(port=0)))
     with agent:                 # start(): load the current version, serve, follow the server
@@ -31,6 +32,7 @@ from .servable import Loader, ServableHandle, make_loader
 from .serving import Classify, LocalApi
 from .source import AssignmentSource
 from .state import AgentState
+from .supervisor import Supervisor
 from .telemetry import TelemetryRecorder
 
 log = logging.getLogger("edge_agent")
@@ -51,7 +53,8 @@ class Agent:
                 "publisher's .pub file there (or `edge-agent enroll --public-key KEY`)"
             )
         self.store = ModelStore(self.paths.home)
-        self.client = SyncClient(identity.server, identity.token, timeout_s=options.timeouts.request_s)
+        timeouts = options.timeouts
+        self.client = SyncClient(identity.server, identity.token, timeout_s=timeouts.request_s, exchange_s=timeouts.exchange_s)
         self.state = AgentState(self.paths.state)
         self.outbox = Outbox(self.paths.outbox, options.outbox_max_rows)
         device = f"/v1/devices/{identity.device_id}"
@@ -62,7 +65,8 @@ class Agent:
             store=self.store,
             handle=self.handle,
             loader=loader or make_loader(self.public_key, self.paths.home, options.threads),
-            downloader=Downloader(self.client, self.paths.downloads, options.retry, options.timeouts.download_s),
+            downloader=Downloader(self.client, self.paths.downloads, options.retry, timeouts.download_s,
+                                  floor_bps=timeouts.download_floor_bps, window_s=timeouts.download_window_s),
             state=self.state,
             reporter=Reporter(self.outbox, self.sender, identity.device_id),
             options=options,
@@ -71,8 +75,14 @@ class Agent:
         self.health = HealthMonitor(options.health, self.state, self.manager.unhealthy)
         self.manager.health = self.health
         self.source = AssignmentSource(
-            self.client, identity.device_id, options, self.manager.aspire, on_reachable=self.sender.kick
+            self.client, identity.device_id, options, self.manager.aspire, on_reachable=self.sender.kick,
+            on_refused=self._assignment_refused,
         )
+        self.manager.reporter.context = lambda: {"following": self.source.following()}
+        self.supervisor = Supervisor(on_restart=self._loop_restarted)
+        self.supervisor.watch("follower", self.source.alive, self.source.start)
+        self.supervisor.watch("manager", lambda: _alive(self.manager), self.manager.start)
+        self.supervisor.watch("outbox sender", lambda: _alive(self.sender), self.sender.start)
         fallback = None
         if options.fallback != "never":
             fallback = FallbackClient(FallbackOptions(identity.server, options.timeouts.fallback_s, identity.token))
@@ -80,7 +90,7 @@ class Agent:
             self.handle, options, fallback=fallback, record=self.telemetry.record, health=self.health.record,
             updating=lambda: self.manager.updating is not None,
         )
-        self.api = LocalApi(classify, self.status, options)
+        self.api = LocalApi(classify, self.status, options, following=self.source.following)
         self.started_at: float | None = None
         self._stopped = threading.Event()
 
@@ -108,6 +118,7 @@ class Agent:
         self.sender.start()
         self.manager.start()
         self.source.start()
+        self.supervisor.start()
         current = self.handle.current
         log.info("edge-agent for %s on %s: serving %s on %s", self.identity.device_id, self.identity.server,
                  current.ref if current else "nothing yet", self.url)
@@ -118,6 +129,7 @@ class Agent:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        self.supervisor.stop()
         self.source.stop()
         self.manager.stop()
         self.api.stop()
@@ -157,6 +169,23 @@ class Agent:
         finally:
             self.stop()
 
+    # --- what the loops tell ---------------------------------------------------------------------
+
+    def _assignment_refused(self, version: int | None, reason: str) -> None:
+        """The server's assignment was malformed: say so to the server (against its version, when it had one)."""
+        if version is None:
+            return  # nothing a status report can name; `following` says it locally
+        self.manager.reporter.status(version, running=False, load_ok=False, smoke_test_ok=None,
+                                     message=f"refused (assignment): {reason}",
+                                     details={"refused": True, "step": "assignment"})
+
+    def _loop_restarted(self, name: str, why: str) -> None:
+        current = self.handle.current
+        if current is not None:
+            self.manager.reporter.status(current.version, running=True, load_ok=True, smoke_test_ok=None,
+                                         message=f"{why}; the supervisor restarted it",
+                                         details={"restarted": name, "restarts": dict(self.supervisor.restarts)})
+
     # --- views ----------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
@@ -174,13 +203,21 @@ class Agent:
             "health": self.health.counts(),
             "refused": self.state.snapshot().get("refused", {}),
             "last_error": self.manager.last_error,
+            "following": self.source.following(),
             "source": self.source.status(),
+            "restarts": dict(self.supervisor.restarts),
             "outbox": {"queued": self.outbox.count(), "sent": self.sender.sent_count, "dropped": self.sender.dropped_count,
                        "last_error": self.sender.last_error},
             "events": list(self.manager.events)[-10:],
             "pid": os.getpid(),
             "url": self.url,
         }
+
+
+def _alive(loop: Any) -> bool:
+    """Whether the loop's thread (`_thread`, set by its `start()`) still runs."""
+    thread = getattr(loop, "_thread", None)
+    return thread is not None and thread.is_alive()
 
 
 def _lock(path) -> Any:  # noqa: ANN001

@@ -6,8 +6,9 @@
     │                            also after the bounded retries ran out
     ├── ServerRejectedError      the server answered with an error (`status`, `code`): bad secret, revoked, ...
     ├── DownloadError            a file could not be downloaded, or its size or sha256 is not the announced one
-    │   └── DiskFullError        the device's disk has no room for it (ENOSPC, a short write, or too little
+    │   ├── DiskFullError        the device's disk has no room for it (ENOSPC, a short write, or too little
     │                            free space for the declared size): never a fault of the release
+    │   └── DownloadSupersededError  a newer assignment came during the download (its part file stays)
     └── UpdateRefusedError       a candidate version failed a step (files, signature, load, smoke test);
                                  the device keeps serving the version it has
 
@@ -34,10 +35,11 @@ class ServerUnreachableError(AgentError):
 class ServerRejectedError(AgentError):
     """Raised when the sync server answered with an HTTP error; `code` is its machine-readable error code."""
 
-    def __init__(self, message: str, *, status: int, code: str) -> None:
+    def __init__(self, message: str, *, status: int, code: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
+        self.retry_after_s = retry_after_s  # the server's Retry-After (429, 503), in seconds
 
     @property
     def permanent(self) -> bool:
@@ -64,6 +66,10 @@ class DiskFullError(DownloadError):
         super().__init__(message, corrupt=False)
         self.needed = needed
         self.free = free
+
+
+class DownloadSupersededError(DownloadError):
+    """Raised when a newer assignment arrived during a download: it stops, its part file stays for later."""
 
 
 class UpdateRefusedError(AgentError):

@@ -32,16 +32,22 @@ class RetryOptions:
 
 @dataclass(frozen=True)
 class TimeoutOptions:
-    """Every network call has a timeout (seconds per connect or read)."""
+    """Every network call has a timeout (seconds per connect or read), an overall deadline, and downloads a
+    minimum throughput."""
 
     request_s: float = 10.0  # one JSON call: assignment, status, telemetry, enrolment
     download_s: float = 30.0  # silence while a file downloads
     stream_s: float = 45.0  # silence on the push stream before reconnecting (the server sends keepalives every 15 s)
     fallback_s: float = 2.0  # the whole exchange with the server's full model, per photo
+    exchange_s: float = 30.0  # the whole of one JSON call (a dripping answer fails here), and of a stream's headers
+    download_floor_bps: float = 4096.0  # a download slower than this over a window is abandoned (it resumes later)
+    download_window_s: float = 30.0  # ... measured over this many seconds
 
     def __post_init__(self) -> None:
-        for name in ("request_s", "download_s", "stream_s", "fallback_s"):
+        for name in ("request_s", "download_s", "stream_s", "fallback_s", "exchange_s"):
             _positive(getattr(self, name), f"the {name[:-2]} timeout")
+        _positive(self.download_floor_bps, "the download throughput floor")
+        _positive(self.download_window_s, "the download throughput window")
 
 
 @dataclass(frozen=True)

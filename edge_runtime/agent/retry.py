@@ -3,7 +3,8 @@
 `backoff_delay(n, options)` is the wait before try n+1: base·2^n, capped at `max_s`, of which up to
 `jitter` is taken off at random (so that devices that lost the server together do not come back in
 step). `with_retries` runs a call at most `attempts` times and then raises `ServerUnreachableError`
-saying how often it tried and why the last try failed.
+saying how often it tried and why the last try failed. A server's Retry-After (429, 503) is honoured
+within bounds: never sooner than it asks, never longer than `max_s` (`retry_delay`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import random
 import threading
 from typing import Callable, TypeVar
 
-from .errors import DownloadError, ServerRejectedError, ServerUnreachableError
+from .errors import DiskFullError, DownloadError, DownloadSupersededError, ServerRejectedError, ServerUnreachableError
 from .options import RetryOptions
 
 T = TypeVar("T")
@@ -24,10 +25,23 @@ def backoff_delay(attempt: int, options: RetryOptions, rng: Callable[[], float] 
     return ceiling * (1.0 - options.jitter * rng())
 
 
+def retry_delay(exc: BaseException | None, attempt: int, options: RetryOptions, rng: Callable[[], float] = random.random) -> float:
+    """The wait after failed try `attempt`: the backoff, or the server's Retry-After when longer, capped at
+    `options.max_s` (a server asking for a day must not park a device for a day)."""
+    delay = backoff_delay(attempt, options, rng)
+    asked = getattr(exc, "retry_after_s", None)
+    if asked is not None:
+        delay = max(delay, min(float(asked), options.max_s))
+    return delay
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Worth another try: the network, a timeout, a server error, 408 or 429; not a refusal."""
+    """Worth another try: the network, a timeout, a server error, 408 or 429; not a refusal, a full disk or
+    a download a newer assignment replaced."""
     if isinstance(exc, ServerRejectedError):
         return not exc.permanent
+    if isinstance(exc, (DiskFullError, DownloadSupersededError)):
+        return False  # the manager decides: wait for room, or follow the newer assignment
     if isinstance(exc, DownloadError):
         return not exc.corrupt
     return isinstance(exc, ServerUnreachableError)
@@ -43,9 +57,10 @@ def with_retries(
 ) -> T:
     """`call()`, tried up to `options.attempts` times while it fails transiently.
 
-    `progressed()` (optional) says whether the failed try got somewhere (a download that received
-    bytes): then the count starts again, so a slow but moving download is never abandoned. `stop`
-    ends the waiting early. Permanent failures are raised at once.
+    `progressed()` (optional) says whether the failed try got somewhere (a download whose part file
+    grew past its furthest point so far): then the count starts again, so a slow but moving download is
+    never abandoned, while one that fetches the same bytes again and again is. `stop` ends the waiting
+    early. Permanent failures are raised at once.
     """
     stop = stop or threading.Event()
     failures = 0
@@ -60,5 +75,5 @@ def with_retries(
             failures += 1
             if failures >= options.attempts or stop.is_set():
                 raise ServerUnreachableError(f"{what}: gave up after {failures} tries ({exc})") from exc
-            if stop.wait(backoff_delay(failures - 1, options)):
+            if stop.wait(retry_delay(exc, failures - 1, options)):
                 raise ServerUnreachableError(f"{what}: stopped while retrying ({exc})") from exc

@@ -5,7 +5,8 @@
                                                            object (`error` set when it failed), headers
                                                            X-Model-Name / X-Model-Version
     GET  /status                                           the agent: device, versions, stream, outbox, events
-    GET  /healthz                                          200 while a model is served, else 503
+    GET  /healthz                                          200 while a model is served, else 503; `following`
+                                                           says `ok` or `stalled since T: why` (the server's side)
 
 Statuses: 200 classified; 422 a bad photo (`error.code` from preprocessing); 413 too large; 500 the
 model failed; 503 no model yet (`no_model`) or the resource-preserving policy is loading (`updating`).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 import urllib.parse
@@ -97,9 +99,11 @@ class Classify:
 class LocalApi:
     """The HTTP server on its own threads (one per connection)."""
 
-    def __init__(self, classify: Classify, status: Callable[[], dict[str, Any]], options: AgentOptions) -> None:
+    def __init__(self, classify: Classify, status: Callable[[], dict[str, Any]], options: AgentOptions,
+                 *, following: Callable[[], str] = lambda: "ok") -> None:
         self.classify = classify
         self.status = status
+        self.following = following
         self.options = options
         handler = type("Handler", (_Handler,), {"api": self})
         self._server = ThreadingHTTPServer((options.serve.host, options.serve.port), handler)
@@ -128,6 +132,16 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "edge-agent"
     timeout = 30  # a client that stops sending cannot hold a thread for long
+    # Headers and body leave in one write (`handle_one_request` flushes after each request): written
+    # separately, a kept-alive client's delayed ACK met Nagle and every answer waited ~40 ms.
+    wbufsize = 64 * 1024
+
+    def setup(self) -> None:
+        super().setup()
+        try:  # and no small segment waits for an ACK (answers are small and complete)
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
 
     def do_GET(self) -> None:  # noqa: N802
         path = urllib.parse.urlsplit(self.path).path
@@ -135,10 +149,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(200, self.api.status())
         elif path == "/healthz":
             current = self.api.classify.handle.current
+            following = self.api.following()
             if current is None:
-                self._json(503, {"status": "no_model"})
+                self._json(503, {"status": "no_model", "following": following})
             else:
-                self._json(200, {"status": "ok", "model": current.ref.to_dict()})
+                self._json(200, {"status": "ok", "model": current.ref.to_dict(), "following": following})
         elif path == "/classify":
             self._error(405, "method_not_allowed", "POST the photo's bytes to /classify")
         else:
