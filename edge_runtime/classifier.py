@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from preprocessing import ImageSource, PreprocessSpec, preprocess
+from preprocessing import DEFAULT_BUDGET, DecodeBudget, ImageSource, PreprocessSpec, preprocess
 
 from . import backends
 from ._memory import keep_freed_memory
@@ -46,6 +46,7 @@ class ClassifierOptions:
     backend: str | None = None
     public_key: str | Path | None = None
     store_home: str | Path | None = None
+    decode_budget: DecodeBudget | None = None  # decoded pixels in flight; None: preprocessing.DEFAULT_BUDGET
 
     def __post_init__(self) -> None:
         if self.delegate not in DELEGATES:
@@ -86,6 +87,8 @@ class Classifier:
         keep_freed_memory()  # a classifying process reuses the same buffers photo after photo
         self.bundle = bundle
         self.options = options
+        #: Every photo this classifier prepares (its pipeline's workers included) decodes inside it.
+        self.decode_budget = options.decode_budget or DEFAULT_BUDGET
         self.backend = backends.find_backend(options.backend)
         gpu_path = None
         if options.delegate == "gpu" or (options.delegate == "auto" and bundle.quantization == "float16"):
@@ -179,7 +182,7 @@ class Classifier:
 
     def prepare(self, source: ImageSource) -> np.ndarray:
         """Decode and prepare a photo with this model's spec (thread-safe; no interpreter needed)."""
-        return preprocess(source, self.bundle.spec)
+        return preprocess(source, self.bundle.spec, budget=self.decode_budget)
 
     def run(self, prepared: np.ndarray) -> tuple[Category, ...]:
         """The top-k categories of one prepared photo."""

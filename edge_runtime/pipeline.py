@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from preprocessing import InvalidImageError, PreprocessSpec, preprocess, read_source
+from preprocessing import DEFAULT_BUDGET, DecodeBudget, DecodeBusyError, InvalidImageError, PreprocessSpec, preprocess, read_source
 
 from .errors import FallbackUnavailableError
 from .results import Classification
@@ -56,22 +56,25 @@ class _Prepared:
     path: str
     tensor: np.ndarray | None
     data: bytes | None
-    error: InvalidImageError | None
+    error: InvalidImageError | DecodeBusyError | None
     ms: float
 
 
-def _load(path: str, spec: PreprocessSpec, keep_bytes: bool, threads: int | None = None) -> _Prepared:
+def _load(
+    path: str, spec: PreprocessSpec, keep_bytes: bool, threads: int | None = None, budget: DecodeBudget | None = DEFAULT_BUDGET
+) -> _Prepared:
     """Read, decode and prepare one photo; a bad photo becomes its error, timed like a good one.
 
     `threads` bounds the cores one big JPEG's decode uses (None: all it can); callers that already
-    keep the cores busy pass 1.
+    keep the cores busy pass 1. Decodes run inside `budget` (the classifier's); a photo that found
+    no room in it for the budget's whole wait gets the error `busy` and the others go on.
     """
     started = time.perf_counter()
     try:
         data = read_source(path)
-        tensor = preprocess(data, spec, threads=threads)
+        tensor = preprocess(data, spec, threads=threads, budget=budget)
         return _Prepared(path, tensor, data if keep_bytes else None, None, _ms(started))
-    except InvalidImageError as exc:
+    except (InvalidImageError, DecodeBusyError) as exc:
         return _Prepared(path, None, None, exc, _ms(started))
 
 
@@ -183,8 +186,10 @@ def classify_paths(
     # Several workers already keep the cores busy: each decodes its photo on one.
     decode_threads = 1 if options.workers > 1 else None
 
+    budget = getattr(classifier, "decode_budget", DEFAULT_BUDGET)
+
     def load(path: str) -> _Prepared:
-        return _load(path, classifier.spec, keep_bytes, decode_threads)
+        return _load(path, classifier.spec, keep_bytes, decode_threads, budget)
 
     from concurrent.futures import ThreadPoolExecutor  # here: a cold single-photo command never needs it
 

@@ -347,3 +347,30 @@ def test_a_png_over_the_decoded_pixel_limit_is_refused_from_its_header_without_d
     assert result.returncode == 0, result.stderr
     outcome = json.loads(result.stdout)
     assert outcome["code"] == "too_large" and outcome["added_mb"] < 30, outcome
+
+
+# --- The device ---------------------------------------------------------------------------------------
+
+
+def test_a_kiosk_folder_run_reports_a_photo_over_its_budget_and_goes_on(tmp_path, chelsea):
+    """The folder pipeline's decode workers use the classifier's budget; a photo that cannot fit is its own error."""
+    from edge_runtime.pipeline import _load
+
+    huge, fine = tmp_path / "huge.png", tmp_path / "fine.jpg"
+    huge.write_bytes(big_png(5000))
+    fine.write_bytes(encode(chelsea, "JPEG"))
+    budget = DecodeBudget(48 * MB, wait_s=0.2)
+    refused = _load(str(huge), SPEC, False, 1, budget)
+    assert refused.tensor is None and refused.error.to_dict()["code"] == "too_large"
+    assert _load(str(fine), SPEC, False, 1, budget).tensor.shape == (224, 224, 3)
+    with budget.reserve(48 * MB):
+        busy = _load(str(fine), SPEC, False, 1, budget)
+    assert busy.tensor is None and busy.error.to_dict()["code"] == "busy"
+
+
+def test_a_classifier_decodes_inside_the_budget_its_options_give():
+    from edge_runtime.classifier import ClassifierOptions
+
+    budget = DecodeBudget(64 * MB)
+    assert ClassifierOptions(decode_budget=budget).decode_budget is budget
+    assert ClassifierOptions().decode_budget is None  # the process-wide DEFAULT_BUDGET
