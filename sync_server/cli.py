@@ -6,6 +6,7 @@
     sync-server demo --bundle B --saved-model M --photo P   start, publish, predict, stop
     sync-server path                                   where the data, database, tokens and TF Serving config are
     sync-server migrate                                upgrade the database schema
+    sync-server check [--repair]                       find (and remove) leftovers; compare database, artifacts, TF Serving
     sync-server enrollment-token create|list|revoke    expiring, revocable credentials for enrolling devices
 
 Every option of `ServerConfig` is a flag here and a `SYNC_SERVER_*` variable (flags win). Errors are
@@ -25,7 +26,7 @@ from typing import Any, Sequence
 from .config import SETTINGS, ServerConfig
 from .errors import BackendError, ConfigError, SyncServerError
 
-COMMANDS = ("serve", "publish", "predict", "prune", "demo", "path", "migrate", "enrollment-token")
+COMMANDS = ("serve", "publish", "predict", "prune", "demo", "path", "migrate", "enrollment-token", "check")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -104,6 +105,10 @@ def _parser() -> argparse.ArgumentParser:
     from .enrollment import add_cli
 
     add_cli(sub, settings)
+
+    from .check import add_cli as add_check
+
+    add_check(sub, settings)
 
     migrate = sub.add_parser("migrate", parents=[settings], help="upgrade the database schema to the newest version")
     migrate.set_defaults(run=_migrate)

@@ -45,6 +45,7 @@ class Services:
     metrics: Metrics
     predictor: Predictor | None = None
     prediction: Any = None  # PredictionService, built by `start` (needs the event loop's thread)
+    last_check: Any = None  # the CheckReport of the start-up check (`check.check_at_start`)
     _tasks: list[asyncio.Task] = field(default_factory=list)
     #: Runs the background tasks' database reads; joined at `stop` so none outlives the engine.
     _background: concurrent.futures.ThreadPoolExecutor = field(
@@ -124,6 +125,7 @@ class Services:
             self.reconciler.trigger()
 
         self._tasks = [
+            asyncio.create_task(self._check_at_start(), name="check-at-start"),
             asyncio.create_task(
                 watch_revision(read_revision, self.config.push_poll_s, remote_change, self.db.only_local_changes),
                 name="push-watch",
@@ -141,6 +143,17 @@ class Services:
                 "trusted_keys": len(self.registry.keys),
             },
         )
+
+    async def _check_at_start(self) -> None:
+        from .check import check_at_start
+
+        try:
+            self.last_check = await asyncio.get_running_loop().run_in_executor(
+                self._background, check_at_start, self.db, self.artifacts, self.repository, self.registry.locks,
+                self.config.data_dir,
+            )
+        except Exception as exc:  # noqa: BLE001  (the server runs without it; the operator can run it)
+            log.warning("the start-up check failed", extra={"error": str(exc)})
 
     def close(self) -> None:
         """Release what `build` made, for a Services that was never started (the CLI's local publish)."""

@@ -60,7 +60,8 @@ for attempt in plan["tries"]:
             outcome = {"code": exc.code, "message": exc.message}
     finally:
         services.close()
-    Path(attempt["dir"], "result-" + me).write_text(json.dumps(outcome))
+    Path(attempt["dir"], "partial-" + me).write_text(json.dumps(outcome))
+    Path(attempt["dir"], "partial-" + me).rename(Path(attempt["dir"], "result-" + me))  # whole, or not there
 """
 
 
