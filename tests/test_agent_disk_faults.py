@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import http.server
 import json
+import logging
 import os
 import shutil
 import signal
@@ -246,3 +247,243 @@ def test_kills_during_a_load_refuse_the_version_only_for_a_while(server, bundles
     finally:
         agent.stop()
     assert "Traceback" not in agent.log()
+
+
+# --- finding 3: a full disk is disk_full, never a bad release --------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 3 MiB tmpfs (root only)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {done.stderr.strip() or done.returncode}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+class Lines(logging.Handler):
+    """The agent's log lines (its logger does not always propagate to pytest's capture)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def count(self, text: str, level: int = logging.WARNING) -> int:
+        return sum(1 for r in self.records if r.levelno >= level and text in r.getMessage())
+
+    def tracebacks(self) -> list[str]:
+        return [r.getMessage() for r in self.records if r.exc_info]
+
+
+@pytest.fixture
+def agent_log():
+    lines = Lines()
+    logger = logging.getLogger("edge_agent")
+    logger.addHandler(lines)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    yield lines
+    logger.removeHandler(lines)
+    logger.setLevel(level)
+
+
+def server_details(server, device_id: str, version: int) -> dict | None:  # noqa: ANN001
+    """The `details` of the device's last status report about `version`, from the server's database."""
+    with sqlite3.connect(server.data_dir / "sync-server.db") as db:
+        row = db.execute("SELECT details FROM device_status WHERE device_id = ? AND version = ?", (device_id, version)).fetchone()
+    return json.loads(row[0]) if row and row[0] else None
+
+
+def serving_version(agent: Agent) -> int | None:
+    return agent.handle.current.version if agent.handle.current else None
+
+
+def test_a_version_bigger_than_the_disk_is_disk_full_and_a_later_small_version_installs(server, bundles, publisher, small_disk,
+                                                                                      agent_log):  # noqa: F811
+    server.publish(bundles.make("fulldisk", 1), publisher.saved_model)
+    home = device_home(small_disk, publisher)
+    device_id = enrolled(home, server.url, "fulldisk")
+    with Agent.create_from_options(fast_options(home)) as agent:
+        wait_for(lambda: serving_version(agent) == 1, what="v1 served")
+        server.publish(bundles.make("fulldisk", 2, pad=4 * 1024 * 1024), publisher.saved_model)  # 4 MiB on a 3 MiB disk
+        report = wait_for(lambda: (s := server.status_of(device_id, 1)) and (s["message"] or "").startswith("disk_full") and s,
+                          what="the disk_full report")
+        assert report["running"] and report["load_ok"], "the report is about the version that runs, and it runs fine"
+        assert report["message"].startswith("disk_full: cannot install v2: model.tflite needs ")
+        details = server_details(server, device_id, 1)
+        assert details["state"] == "disk_full" and details["assigned"] == 2 and details["needed"] > details["free"]
+        time.sleep(2.0)  # retries go on (backoff capped at 0.5 s here)
+        assert agent.manager.last_error.startswith("disk_full") and serving_version(agent) == 1
+        assert agent.state.refused(ModelRef("fulldisk", 2)) is None, "a full disk refuses nothing"
+        assert server.status_of(device_id, 2) is None, "nothing the server counts against v2"
+        assert agent_log.count("disk_full: cannot install fulldisk v2") == 1, "said once, not per retry"
+        usage = shutil.disk_usage(small_disk)
+        assert usage.free > 1024 * 1024, f"no part file is left filling the disk ({usage.free} bytes free)"
+
+        server.publish(bundles.make("fulldisk", 3), publisher.saved_model)
+        wait_for(lambda: serving_version(agent) == 3, timeout=30, what="the small v3 installed after the big v2")
+        assert agent.manager.disk_full is None
+        assert wait_for(lambda: server.device(device_id)["running_version"] == 3, what="v3 reported running")
+    assert agent_log.tracebacks() == []
+
+
+def test_a_full_outbox_keeps_counts_in_memory_says_so_once_and_sends_them_when_there_is_room(server, bundles, publisher,
+                                                                                           small_disk, agent_log):  # noqa: F811
+    server.publish(bundles.make("fullbox", 1), publisher.saved_model)
+    home = device_home(small_disk, publisher)
+    enrolled(home, server.url, "fullbox")
+    with Agent.create_from_options(fast_options(home, telemetry_period_s=1.0)) as agent:
+        wait_for(lambda: serving_version(agent) == 1, what="v1 served")
+        filler = small_disk / "filler"
+        with open(filler, "wb") as out:  # something else on the device fills the disk to the last byte
+            try:
+                while True:
+                    out.write(b"\0" * 65536)
+                    out.flush()
+            except OSError:
+                pass
+        for _ in range(5):
+            assert classify(agent.url) == 200
+        time.sleep(2.5)  # several telemetry periods and outbox ticks on a full disk
+        filler.unlink()
+        summary = wait_for(lambda: (v := server.telemetry("fullbox")["versions"]) and v[0]["predictions"] >= 5 and v[0],
+                           timeout=30, what="the counts to reach the server")
+        assert summary["predictions"] == 5
+    assert agent_log.count("telemetry waits in memory") == 1
+    assert agent_log.tracebacks() == [], "no traceback per retry"
+
+
+def classify(url: str) -> int:
+    connection = http.client.HTTPConnection(*url.removeprefix("http://").split(":"), timeout=10)
+    try:
+        connection.request("POST", "/classify", body=PHOTO)
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+# --- findings 4, 5 and 8: damage is repaired, leftovers removed --------------------------------------------
+
+
+def _damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        del data[len(data) // 2:]
+    else:
+        data[len(data) // 3] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_current_version_is_served_from_the_previous_one_and_downloaded_again(server, bundles, publisher, tmp_path,
+                                                                                       agent_log):  # noqa: F811
+    server.publish(bundles.make("repair", 1), publisher.saved_model)
+    home = device_home(tmp_path, publisher)
+    device_id = enrolled(home, server.url, "repair")
+    with Agent.create_from_options(fast_options(home)) as agent:
+        wait_for(lambda: serving_version(agent) == 1, what="v1 served")
+        server.publish(bundles.make("repair", 2), publisher.saved_model)
+        wait_for(lambda: serving_version(agent) == 2, what="v2 served")
+    store = ModelStore(home)
+    _damage(store.path_of(ModelRef("repair", 2)) / "model.tflite", "truncate")  # the SD card loses half a file
+
+    with Agent.create_from_options(fast_options(home)) as agent:
+        assert serving_version(agent) in (1, 2), "something intact serves from the start"
+        wait_for(lambda: serving_version(agent) == 2 and agent.store.check(ModelRef("repair", 2)) is None,
+                 what="v2 downloaded again and served")
+        assert agent.state.refused(ModelRef("repair", 2)) is None
+        assert any(e["kind"] == "damaged" for e in agent.manager.events)
+
+    for version in (1, 2):  # every version damaged; the server is online
+        _damage(store.path_of(ModelRef("repair", version)) / "model.tflite", "flip")
+    with Agent.create_from_options(fast_options(home)) as agent:
+        wait_for(lambda: serving_version(agent) == 2, timeout=30, what="v2 downloaded again with nothing intact")
+        assert classify(agent.url) == 200
+        assert agent.state.refused(ModelRef("repair", 2)) is None
+    report = server.status_of(device_id, 2)
+    assert report["running"] and not (report["message"] or "").startswith("refused")
+    assert agent_log.tracebacks() == []
+
+
+def test_damaged_pointer_state_and_outbox_and_leftovers_of_killed_work_are_repaired_at_start(server, bundles, publisher,
+                                                                                            tmp_path, agent_log):  # noqa: F811
+    server.publish(bundles.make("mended", 1), publisher.saved_model)
+    home = device_home(tmp_path, publisher)
+    device_id = enrolled(home, server.url, "mended")
+    with Agent.create_from_options(fast_options(home)) as agent:
+        wait_for(lambda: serving_version(agent) == 1, what="v1 served")
+    paths = AgentPaths.at(home)
+    (home / "state.json").write_bytes(b"null")
+    paths.state.write_bytes(os.urandom(200))
+    for suffix in ("-wal", "-shm"):
+        Path(f"{paths.outbox}{suffix}").unlink(missing_ok=True)
+    paths.outbox.write_bytes(b"SQLite format 3\0" + os.urandom(3000))
+    dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    leftovers = [home / "models" / "mended" / f".staging-2-{dead_pid}-abc", home / f".state-{dead_pid}-x",
+                 paths.agent_dir / ".state.json-k3j4", paths.downloads / "bundle-mended-9", paths.downloads / f"{'e' * 64}.part"]
+    leftovers[0].mkdir(parents=True)
+    (leftovers[0] / "model.tflite").write_bytes(b"half")
+    leftovers[3].mkdir(parents=True)
+    for path in (leftovers[1], leftovers[2], leftovers[4]):
+        path.write_bytes(b"half")
+
+    with Agent.create_from_options(fast_options(home)) as agent:
+        assert serving_version(agent) == 1, "the pointer was rebuilt from the intact versions"
+        assert agent.outbox.recovered and "moved it aside" in agent.outbox.recovered
+        assert len(list(paths.agent_dir.glob("outbox.sqlite.damaged-*"))) == 1
+        details = wait_for(lambda: (d := server_details(server, device_id, 1)) and "outbox_lost" in d and d, what="the loss reported")
+        assert "reports queued in it are lost" in details["outbox_lost"]
+        wait_for(lambda: not any(p.exists() for p in leftovers), what="the leftovers removed")
+    assert json.loads((home / "state.json").read_text())["current"] == {"name": "mended", "version": 1}
+    assert agent_log.tracebacks() == []
+
+
+# --- finding 6: a report the server refuses is kept, and shown ---------------------------------------------
+
+
+class _Refusing(http.server.BaseHTTPRequestHandler):
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = b'{"error": {"code": "not_found", "message": "no such route (a proxy)"}}'
+        self.send_response(404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:  # noqa: ANN002
+        pass
+
+
+def test_reports_the_server_refuses_go_to_a_dead_letter_table_that_status_shows(tmp_path, capsys):
+    from edge_runtime.agent.cli import main
+
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{proxy.server_address[1]}"
+    home = tmp_path / "kiosk"
+    paths = AgentPaths.at(home)
+    save_identity(paths, Identity(url, "dev_1", "token", "shop", "stable", "till-1"))
+    outbox = Outbox(paths.outbox)
+    for n in range(6):
+        outbox.put("status", "/v1/devices/dev_1/status", {"version": 1, "n": n})
+    sender = OutboxSender(outbox, SyncClient(url, "token", timeout_s=2), RetryOptions(attempts=1, base_s=0.05, max_s=0.1))
+    try:
+        sender.flush()
+    finally:
+        proxy.shutdown()
+    assert outbox.count() == 0 and outbox.dead_count() == 6, "out of the queue, but not lost"
+    assert sorted(json.loads(json.dumps(m))["kind"] for m in outbox.dead_letters()) == ["status"] * 6
+    outbox.close()
+    assert main(["status", "--home", str(home)]) == 0
+    out = capsys.readouterr().out
+    assert "dead letters  6 reports the server refused (newest: status at " in out and ", 404: " in out
+    assert main(["status", "--home", str(home), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dead_letters"]["count"] == 6

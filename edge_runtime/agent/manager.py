@@ -271,9 +271,11 @@ class Manager:
         self.state.forget_refusals_except(target)
         if target is None:
             return  # nothing assigned yet: keep serving what we have
+        self._drop_stale_downloads(assignment)
         current = self.handle.current
         if current is not None and current.ref == target:
             self._failures = 0
+            self._room_again()
             return
         refusal = self.state.refused(target)
         if refusal is not None:
@@ -281,7 +283,6 @@ class Manager:
                 self._retry_at = time.monotonic() + max(0.0, float(refusal["retry_at"]) - time.time())
             log.info("not switching to %s: refused earlier (%s)", target, refusal["reason"])
             return
-        self._drop_stale_downloads(assignment)
         self.updating = target
         try:
             self._switch_to(target, assignment)
@@ -553,9 +554,9 @@ class Manager:
             log.debug("still no room for %s; trying again in %.0f s", target, delay)
             return
         running = self.handle.current
-        log.warning("disk_full: cannot install %s: %s; freed %d bytes (partial downloads, leftovers, old versions); "
-                    "trying again while there is no room (still serving %s)", target, exc, freed,
-                    running.ref if running else "nothing")
+        log.warning("disk_full: cannot install %s: %s (freed %d bytes of partial downloads, leftovers and old versions; "
+                    "said once, tried again every %.0f s at most; still serving %s)", target, exc, freed,
+                    self.options.retry.max_s, running.ref if running else "nothing")
         self._event("disk_full", target, f"disk_full: cannot install {target}: {exc}")
         if running is not None:  # a report about the version that runs: no rollout counts it as a failure
             self.reporter.status(running.version, running=True, load_ok=True, smoke_test_ok=None,
@@ -598,8 +599,8 @@ class Manager:
     def _event(self, kind: str, ref: ModelRef | None, message: str, details: dict[str, Any] | None = None) -> None:
         self.events.append({"at": time.time(), "kind": kind, "version": ref.version if ref else None, "message": message,
                             **({"details": details} if details else {})})
-        if kind == "retry":
-            return  # logged by _schedule_retry
+        if kind in ("retry", "disk_full", "outbox_recovered"):
+            return  # logged where it happened
         level = logging.WARNING if kind in ("refused", "rolled_back", "rollback_failed", "rollback_impossible") else logging.INFO
         log.log(level, message)
 
