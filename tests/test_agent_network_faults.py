@@ -184,6 +184,43 @@ def test_a_json_answer_that_drips_a_byte_at_a_time_fails_at_the_overall_deadline
     assert time.monotonic() - started < 2.5, "the deadline is the whole exchange, not one read"
 
 
+def test_a_report_answer_that_drips_does_not_hold_the_outbox_and_its_retry_after_is_honoured(stand_in, tmp_path):
+    from edge_runtime.agent.outbox import Outbox, OutboxSender
+
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    path = f"/v1/devices/{stand_in.device_id}/status"
+    outbox.put("status", path, {"version": 1, "running": True, "load_ok": True})
+    stand_in.on("POST", "/status", drip(0.1), times=1)  # the answer takes 1.2 s; the deadline is 0.5 s
+    stand_in.on("POST", "/status", reply(503, {"error": {"code": "busy", "message": "later"}}, {"Retry-After": "1"}), times=1)
+    sender = OutboxSender(outbox, SyncClient(stand_in.url, "token", timeout_s=5, exchange_s=0.5), RetryOptions(attempts=3, base_s=0.05, max_s=2))
+    try:
+        started = time.monotonic()
+        assert sender.flush() == 0 and time.monotonic() - started < 1.5, "the dripping answer failed at the deadline"
+        assert "no complete answer within 0.5 s" in sender.last_error
+        sender._next_try = 0.0
+        assert sender.flush() == 0 and "HTTP 503" not in sender.last_error and "later (busy)" in sender.last_error
+        assert sender._next_try - time.monotonic() >= 0.9, "the next try waits as Retry-After says"
+        assert sender.flush() == 1 and outbox.count() == 0
+    finally:
+        outbox.close()
+
+
+def test_a_push_stream_that_drips_is_cut_at_its_silence_deadline_and_polling_takes_over(stand_in, tmp_path):
+    stand_in.assign({"model": "m", "version": 1, "files": fake_files()})
+    stand_in.on("GET", "/events", drip(0.1))  # "event: assignment\n" alone takes 1.8 s
+    fast = options(tmp_path, push=True, timeouts=TimeoutOptions(request_s=5, download_s=5, stream_s=1, fallback_s=1, exchange_s=5))
+    source, delivered, _ = following(fast, stand_in)
+    started = time.monotonic()
+    source.start()
+    try:
+        wait_for(lambda: delivered, timeout=10, what="the assignment, polled")
+        wait_for(lambda: "no complete event or keepalive for 1 s" in (source.status()["last_error"] or ""), timeout=5,
+                 what="the dripping stream cut")
+        assert time.monotonic() - started < 5
+    finally:
+        source.stop()
+
+
 def test_a_429_or_503_storm_is_waited_out_as_retry_after_says_within_bounds(stand_in, tmp_path):
     stand_in.assign({"model": "m", "version": 1, "files": fake_files()})
     stand_in.on("GET", "/assignment", reply(429, {"error": {"code": "slow_down", "message": "too many"}}, {"Retry-After": "1"}), times=2)
