@@ -53,6 +53,11 @@ def create_app(config: ServerConfig, *, predictor: Predictor | None = None) -> F
         app.include_router(router)
     services.metrics.add_state(ops.state_gauges(services))
     app.add_middleware(JsonBodyLimitMiddleware, limit=services.config.limits.max_json_bytes)
+    if services.config.throttle.enabled:
+        from .throttle import Throttle, ThrottleMiddleware
+
+        app.add_middleware(ThrottleMiddleware, throttle=Throttle(services.config.throttle), admin_token=services.config.admin_token,
+                           on_throttled=lambda scope: services.metrics.throttled.labels(scope).inc())
     app.add_middleware(RequestLogMiddleware, services=services)
     return app
 

@@ -119,8 +119,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace, config: ServerConfig) -> int:
-    import uvicorn
-
     from .app import create_app
     from .logs import configure_logging
 
@@ -132,7 +130,9 @@ def _serve(args: argparse.Namespace, config: ServerConfig) -> int:
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(app, host=config.host, port=config.port, log_config=None, access_log=False, log_level=config.log_level.lower())
+    from .connection_guard import serve
+
+    serve(app, config)  # uvicorn with header and body deadlines and a connection limit
     return 0
 
 

@@ -85,6 +85,41 @@ class RolloutOptions:
 
 
 @dataclass(frozen=True)
+class ConnectionOptions:
+    """How long a client may take to send its request, and how many connections are held at once.
+
+    Request headers must arrive within `header_timeout_s` of the connection opening (or of the last
+    response, on a kept-alive connection); a body gets `body_timeout_s` plus one second for every
+    `body_min_bytes_per_s` bytes it delivered. At `max_connections` (0: derived from the descriptor
+    limit) the connection waiting longest for its headers is closed to make room.
+    """
+
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    body_min_bytes_per_s: int = 1024
+    max_connections: int = 0
+    keep_alive_s: int = 5
+
+
+@dataclass(frozen=True)
+class ThrottleOptions:
+    """Token buckets per credential (device token, enrolment secret): `*_per_s` refill, `*_burst` size.
+
+    Buckets live in each server instance (not shared between instances); 0 for a rate turns that
+    limit off.
+    """
+
+    enabled: bool = True
+    predict_per_s: float = 5.0
+    predict_burst: int = 20
+    reports_per_s: float = 0.5
+    reports_burst: int = 20
+    enroll_per_s: float = 10.0
+    enroll_burst: int = 100
+    max_tracked: int = 100_000  # credentials remembered at once (least recently used are forgotten)
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Everything the sync server needs to run; build it with `ServerConfig.load` or directly."""
 
@@ -102,6 +137,9 @@ class ServerConfig:
     batching: BatchingOptions = field(default_factory=BatchingOptions)
     limits: UploadLimits = field(default_factory=UploadLimits)
     rollout: RolloutOptions = field(default_factory=RolloutOptions)
+    connections: ConnectionOptions = field(default_factory=ConnectionOptions)
+    throttle: ThrottleOptions = field(default_factory=ThrottleOptions)
+    predict_deadline_s: float | None = None  # a fallback prediction's deadline (default: the TF Serving timeout)
     push_poll_s: float = 1.0  # how often to look for changes made by other server instances
     sse_keepalive_s: float = 15.0
     embedded_max_loaded: int = 4  # SavedModels the embedded predictor keeps in memory
@@ -121,6 +159,11 @@ class ServerConfig:
     def resolved_database_url(self) -> str:
         """`database_url`, or the embedded SQLite file in the data directory."""
         return self.database_url or f"sqlite:///{self.data_dir / 'sync-server.db'}"
+
+    @property
+    def prediction_deadline_s(self) -> float:
+        """Seconds a fallback prediction may take from arrival: `predict_deadline_s`, else the TF Serving timeout."""
+        return self.predict_deadline_s or self.tf_serving.timeout_s
 
     @property
     def artifacts_dir(self) -> Path:
@@ -236,6 +279,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("auto_migrate", "--auto-migrate", _bool, "upgrade the database schema at start: on or off (default on)", "on|off"),
     Setting("log_level", "--log-level", str, "debug, info, warning or error (default info)", "LEVEL"),
     Setting("log_format", "--log-format", str, "json (one object a line) or text (default json)", "FORMAT"),
+    Setting("predict_deadline_s", "--predict-deadline", float, "seconds a fallback prediction may take, queue included; later it gets 503 (default: the TF Serving timeout)", "S"),
+    Setting("connections.header_timeout_s", "--header-timeout", float, "seconds a client has to send its request headers (default 10)", "S"),
+    Setting("connections.body_timeout_s", "--body-timeout", float, "seconds a request body may take, plus 1 s per --body-min-rate bytes received (default 30)", "S"),
+    Setting("connections.body_min_bytes_per_s", "--body-min-rate", int, "bytes per second a slow body must keep up to earn more time (default 1024)", "BYTES"),
+    Setting("connections.max_connections", "--max-connections", int, "connections held at once (default 0: three quarters of the descriptor limit)", "N"),
+    Setting("connections.keep_alive_s", "--keep-alive-timeout", int, "seconds an idle kept-alive connection stays open (default 5)", "S"),
+    Setting("throttle.enabled", "--throttle", _bool, "rate-limit predictions, reports and enrolment per credential: on or off (default on)", "on|off"),
+    Setting("throttle.predict_per_s", "--predict-rate", float, "fallback predictions per second per device (default 5; 0: no limit)", "R"),
+    Setting("throttle.predict_burst", "--predict-burst", int, "fallback predictions a device may send at once (default 20)", "N"),
+    Setting("throttle.reports_per_s", "--report-rate", float, "status and telemetry reports per second per device (default 0.5; 0: no limit)", "R"),
+    Setting("throttle.reports_burst", "--report-burst", int, "reports a device may send at once (default 20)", "N"),
+    Setting("throttle.enroll_per_s", "--enroll-rate", float, "enrolments per second per enrolment credential (default 10; 0: no limit)", "R"),
+    Setting("throttle.enroll_burst", "--enroll-burst", int, "enrolments one credential may make at once (default 100)", "N"),
 )
 
 
@@ -279,6 +335,17 @@ def _check(config: ServerConfig) -> None:
     positive(config.tf_serving.retries, "the TF Serving retries", allow_zero=True)
     positive(config.push_poll_s, "the push poll interval")
     positive(config.embedded_max_loaded, "the number of loaded SavedModels")
+    if config.predict_deadline_s is not None:
+        positive(config.predict_deadline_s, "the prediction deadline")
+    positive(config.connections.header_timeout_s, "the header timeout")
+    positive(config.connections.body_timeout_s, "the body timeout")
+    positive(config.connections.body_min_bytes_per_s, "the minimum body rate")
+    positive(config.connections.max_connections, "the connection limit", allow_zero=True)
+    positive(config.connections.keep_alive_s, "the keep-alive timeout")
+    for what in ("predict", "reports", "enroll"):
+        positive(getattr(config.throttle, f"{what}_per_s"), f"the {what} rate", allow_zero=True)
+        positive(getattr(config.throttle, f"{what}_burst"), f"the {what} burst")
+    positive(config.throttle.max_tracked, "the number of throttled credentials tracked")
     if not 0 <= config.rollout.failure_threshold <= 1:
         raise ConfigError(f"the rollout failure threshold must be 0..1, got {config.rollout.failure_threshold}")
     if config.tf_serving.url is not None and not config.tf_serving.url.startswith(("http://", "https://")):

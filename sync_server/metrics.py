@@ -1,4 +1,4 @@
-"""Prometheus metrics: requests, latency, batch sizes, rollout states, devices per version.
+"""Prometheus metrics: requests, latency, batch sizes, throttled requests, rollout states, devices per version.
 
 Each app has its own `CollectorRegistry` (several apps can live in one process, as in the tests).
 Request counters and histograms are updated as requests finish; rollout and device gauges are
@@ -43,6 +43,10 @@ class Metrics:
         )
         self.predictions = Counter(
             "sync_server_predictions", "Fallback predictions by model and outcome (ok or an error code)", ["model", "outcome"],
+            registry=self.registry,
+        )
+        self.throttled = Counter(
+            "sync_server_throttled_requests", "Requests answered 429 by scope (predict, reports, enroll)", ["scope"],
             registry=self.registry,
         )
 

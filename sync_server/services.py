@@ -113,7 +113,8 @@ class Services:
 
             self.prediction = PredictionService(
                 self.predictor, self.registry.version_info, self.config.batching, self.config.limits, on_batch,
-                cached_info=self.registry.cached_version_info,
+                cached_info=self.registry.cached_version_info, deadline_s=self.config.prediction_deadline_s,
+                retry_after_s=self.config.tf_serving.retry_after_s,
             )
 
         async def read_revision() -> int:

@@ -63,7 +63,11 @@ def test_a_device_gets_the_full_models_top_k_for_a_photo(fallback, reference, de
 
     assert len(device.predict(photo, top_k=1).json()["top_k"]) == 1
     assert len(device.predict(photo, top_k=100).json()["top_k"]) == len(publisher.labels)
-    assert device.predict(photo, version=2).json()["model"]["version"] == 2
+    unassigned = device.predict(photo, version=2)
+    assert unassigned.status_code == 403 and unassigned.json()["error"]["code"] == "not_assigned"
+    by_admin = fallback.admin("POST", f"/v1/models/{MODEL}/predict", params={"version": 2}, content=photo,
+                              headers={"Content-Type": "application/octet-stream"})
+    assert by_admin.json()["model"]["version"] == 2, "the admin may ask any version"
 
 
 def test_the_device_side_fallback_client_gets_the_answer(fallback, demo_dataset):
@@ -98,7 +102,9 @@ def test_bad_photos_and_bad_requests_get_json_errors(fallback, demo_dataset):
     assert device.predict(photo, top_k=0).json()["error"] == {
         "code": "invalid_request", "message": "query parameter top_k: Input should be greater than or equal to 1"}
     unknown_version = device.predict(photo, version=9)
-    assert unknown_version.status_code == 404 and unknown_version.json()["error"]["code"] == "unknown_version"
+    assert unknown_version.status_code == 403 and unknown_version.json()["error"]["code"] == "not_assigned"
+    admin_version = fallback.client.post(f"/v1/models/{MODEL}/predict", params={"version": 9}, headers=fallback.admin_headers, content=photo)
+    assert admin_version.status_code == 404 and admin_version.json()["error"]["code"] == "unknown_version"
     other_model = fallback.client.post("/v1/models/other/predict", headers=device.headers, content=photo)
     assert other_model.status_code == 403 and other_model.json()["error"]["code"] == "forbidden"
     admin_unknown = fallback.client.post("/v1/models/other/predict", headers=fallback.admin_headers, content=photo)
@@ -230,3 +236,38 @@ def test_versions_are_batched_separately():
     _run(main())
     assert sorted(keys) == [(("m", 1), 3), (("m", 2), 3)]
 
+
+
+def test_a_request_whose_deadline_passes_in_the_queue_is_never_sent_and_a_batch_gets_the_time_left():
+    """One slow batch holds the only slot; the requests queued behind it give up at their deadline."""
+    sent: list[tuple[int, float]] = []
+
+    async def run(key, batch, timeout_s=None):
+        sent.append((len(batch), timeout_s))
+        await asyncio.sleep(0.5)
+        return batch
+
+    async def ask(batcher, loop, deadline_in: float):
+        deadline = loop.time() + deadline_in
+        async with asyncio.timeout_at(deadline):
+            return await batcher.submit("m", np.ones(1, np.float32), deadline)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        batcher = Batcher(run, BatchingOptions(max_batch_size=1, max_wait_ms=0, num_batch_threads=1))
+        started = loop.time()
+        first = asyncio.create_task(ask(batcher, loop, 2.0))
+        await asyncio.sleep(0.05)
+        queued = await asyncio.gather(*(ask(batcher, loop, 0.3) for _ in range(3)), return_exceptions=True)
+        queued_done = loop.time() - started
+        answer = await first
+        await asyncio.sleep(0.1)
+        await batcher.aclose()
+        return queued, queued_done, answer
+
+    queued, queued_done, answer = _run(main())
+    assert all(isinstance(e, TimeoutError) for e in queued)
+    assert queued_done < 0.5, "the queued requests were answered at their deadline, not after the batch ahead"
+    assert answer.tolist() == [1.0]
+    assert len(sent) == 1, f"requests past their deadline were sent: {sent}"
+    assert 1.8 < sent[0][1] <= 2.0, "the backend call got the time its request had left"

@@ -20,7 +20,8 @@ REST API documentation (g3doc/api_rest.md) and its source describe them:
   model M, which is not currently available for inference"), unless `allow_unavailable_labels` (the
   `--allow_version_labels_for_unavailable_models` flag).
 
-`load_delay_s` makes loads slow, `stop()` / `start()` take the server down and up on the same port
+`load_delay_s` makes loads slow, `predict_delay_s` makes every predict answer that much later (a
+slow or overloaded TF Serving; it can be changed while running), `stop()` / `start()` take the server down and up on the same port
 (keeping what was loaded, like a network outage), `restart()` is a new process on the same port
 (nothing loaded; the config file read again and refused while a label names a version not loaded),
 and `predict_batches` records the batch size of every predict call.
@@ -312,8 +313,10 @@ class TFServingStandin:
         load_delay_s: float = 0.0,
         allow_unavailable_labels: bool = False,
         port: int = 0,
+        predict_delay_s: float = 0.0,
     ) -> None:
         self.config_file = Path(config_file) if config_file else None
+        self.predict_delay_s = predict_delay_s
         self.poll_s = poll_s
         self.manager = ModelManager(load_delay_s, allow_unavailable_labels)
         self.predict_batches: list[int] = []
@@ -363,6 +366,8 @@ class TFServingStandin:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 standin.requests.append(f"{method} {self.path}")
+                if method == "POST" and standin.predict_delay_s:
+                    time.sleep(standin.predict_delay_s)
                 try:
                     status, payload = standin.handle(method, self.path, body)
                 except StandinError as exc:

@@ -18,7 +18,9 @@ class Predictor(Protocol):
     #: Short name for metrics and logs: "embedded" or "tf_serving".
     kind: str
 
-    async def predict(self, name: str, version: int, batch: np.ndarray) -> np.ndarray: ...
+    async def predict(self, name: str, version: int, batch: np.ndarray, *, timeout_s: float | None = None) -> np.ndarray:
+        """Probabilities for `batch`; `timeout_s` is what the requests' deadlines leave for this call."""
+        ...
 
     async def model_status(self, name: str) -> dict[int, str]:
         """{version: state} of what the backend has loaded (TF Serving's states: LOADING, AVAILABLE, ...)."""

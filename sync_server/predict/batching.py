@@ -5,6 +5,12 @@ batch slot (`num_batch_threads` batches of a servable run at once), then takes t
 photo, and keeps adding photos until the batch holds `max_batch_size` or `max_wait_ms` have passed
 since that first photo. Under load, photos queue while the slots are busy, so batches fill up without
 waiting; a lone request waits at most `max_wait_ms`.
+
+Deadlines: `submit(key, x, deadline=...)` (a `loop.time()`) says when the caller stops waiting. A
+request whose deadline passes while it is queued is never sent (its caller, cancelled at the deadline
+by the prediction service, answers 503 then); a batch is sent with the time its latest deadline leaves
+as the backend's timeout (`run(key, batch, timeout_s=...)`), so no backend call outlives the requests
+it answers.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from ..tasks import cancel_and_wait
 
 log = logging.getLogger("sync_server.batching")
 
-RunBatch = Callable[[Hashable, np.ndarray], Awaitable[np.ndarray]]
+#: `run(key, batch)`, or `run(key, batch, timeout_s=seconds)` when the batch's requests have deadlines.
+RunBatch = Callable[..., Awaitable[np.ndarray]]
 
 
 @dataclass
@@ -30,6 +37,10 @@ class _Item:
     x: np.ndarray
     future: asyncio.Future
     queued_at: float
+    deadline: float | None = None  # loop.time() after which nobody waits for the answer
+
+    def expired(self, now: float) -> bool:
+        return self.future.cancelled() or (self.deadline is not None and now >= self.deadline)
 
 
 class Batcher:
@@ -50,12 +61,17 @@ class Batcher:
         self._running: set[asyncio.Task] = set()
         self._closed = False
 
-    async def submit(self, key: Hashable, x: np.ndarray) -> np.ndarray:
-        """Queue one example (without the batch axis) and wait for its output row."""
+    async def submit(self, key: Hashable, x: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        """Queue one example (without the batch axis) and wait for its output row.
+
+        `deadline` (a `loop.time()`) is when the caller gives up: past it the example is not sent, and
+        a batch holding it gets no more time from the backend than its latest deadline leaves. The
+        caller enforces the deadline by cancelling this call (which withdraws the example).
+        """
         if self._closed:
             raise RuntimeError("the batcher is closed")
         loop = asyncio.get_running_loop()
-        item = _Item(x, loop.create_future(), time.perf_counter())
+        item = _Item(x, loop.create_future(), time.perf_counter(), deadline)
         queue = self._queues.get(key)
         if queue is None:
             queue = self._queues[key] = asyncio.Queue()
@@ -88,7 +104,8 @@ class Batcher:
                     batch.append(await asyncio.wait_for(queue.get(), remaining))
                 except asyncio.TimeoutError:
                     break
-            batch = [item for item in batch if not item.future.cancelled()]
+            now = asyncio.get_running_loop().time()
+            batch = [item for item in batch if not item.expired(now)]  # nobody waits for these any more
             if not batch:
                 slots.release()
                 continue
@@ -99,7 +116,13 @@ class Batcher:
     async def _execute(self, key: Hashable, batch: list[_Item], slots: asyncio.Semaphore) -> None:
         started = time.perf_counter()
         try:
-            outputs = await self._run(key, np.stack([item.x for item in batch]))
+            x = np.stack([item.x for item in batch])
+            deadlines = [item.deadline for item in batch]
+            if None in deadlines:
+                outputs = await self._run(key, x)
+            else:
+                timeout_s = max(deadlines) - asyncio.get_running_loop().time()  # type: ignore[type-var]
+                outputs = await self._run(key, x, timeout_s=max(0.001, timeout_s))
             if len(outputs) != len(batch):
                 raise RuntimeError(f"the backend answered {len(outputs)} rows for a batch of {len(batch)}")
         except BaseException as exc:  # every waiting request gets the error  # noqa: BLE001

@@ -47,7 +47,8 @@ class EmbeddedPredictor:
         self._limiter = anyio.CapacityLimiter(max_threads)
         self._preloads: set[asyncio.Task] = set()
 
-    async def predict(self, name: str, version: int, batch: np.ndarray) -> np.ndarray:
+    async def predict(self, name: str, version: int, batch: np.ndarray, *, timeout_s: float | None = None) -> np.ndarray:
+        # A TensorFlow call cannot be interrupted: the caller stops waiting at its deadline instead.
         return await anyio.to_thread.run_sync(self._predict_sync, name, version, batch, limiter=self._limiter)
 
     def _predict_sync(self, name: str, version: int, batch: np.ndarray) -> np.ndarray:

@@ -3,10 +3,15 @@
 The photo is prepared by `preprocessing.preprocess` with the version's *float* spec (the SavedModel's
 input), on a worker thread, then goes through the batcher (or straight to the backend when batching is
 off) to the predictor: the embedded SavedModel or TF Serving.
+
+Every prediction has a deadline (`deadline_s` from its arrival): preparing, queueing in the batcher
+and the backend call all fit in it, and at the deadline the caller gets 503 `deadline_exceeded`, not
+a late answer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -17,7 +22,7 @@ import numpy as np
 from preprocessing import DecodeBudget, DecodeBusyError, DecodeLimits, InvalidImageError, preprocess
 
 from ..config import BatchingOptions, UploadLimits
-from ..errors import InvalidPhotoError, ServerBusyError
+from ..errors import BackendUnavailableError, InvalidPhotoError, ServerBusyError
 from .base import Predictor
 from .batching import Batcher
 
@@ -61,8 +66,12 @@ class PredictionService:
         prepare_threads: int = 8,
         *,
         cached_info: Callable[[str, int], object | None] | None = None,
+        deadline_s: float = 10.0,
+        retry_after_s: int = 5,
     ) -> None:
         self.predictor = predictor
+        self.deadline_s = deadline_s
+        self.retry_after_s = retry_after_s
         self._version_info = version_info
         self._cached_info = cached_info or (lambda _name, _version: None)
         self._decode_limits = DecodeLimits(
@@ -75,14 +84,29 @@ class PredictionService:
         self.batcher = Batcher(self._run_batch, batching, on_batch) if batching.enabled else None
 
     async def predict(self, name: str, version: int, photo: bytes, top_k: int) -> Prediction:
+        """The top-k for a photo, or 503 `deadline_exceeded` once `deadline_s` have passed."""
+        deadline = asyncio.get_running_loop().time() + self.deadline_s
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await self._predict(name, version, photo, top_k, deadline)
+        except TimeoutError:
+            raise BackendUnavailableError(
+                f"the prediction did not finish within its {self.deadline_s:g} s deadline (the backend is slow or "
+                "overloaded); try again shortly",
+                retry_after_s=self.retry_after_s,
+                code="deadline_exceeded",
+            ) from None
+
+    async def _predict(self, name: str, version: int, photo: bytes, top_k: int, deadline: float) -> Prediction:
         started = time.perf_counter()
         info = self._cached_info(name, version) or await anyio.to_thread.run_sync(self._version_info, name, version)
         x = await anyio.to_thread.run_sync(self._prepare, photo, info.float_spec, limiter=self._prepare_limiter)  # type: ignore[attr-defined]
         if self.batcher is not None:
-            probabilities = await self.batcher.submit((name, version), x)
+            probabilities = await self.batcher.submit((name, version), x, deadline)
         else:
             batch_started = time.perf_counter()
-            probabilities = (await self.predictor.predict(name, version, x[None]))[0]
+            remaining = deadline - asyncio.get_running_loop().time()
+            probabilities = (await self.predictor.predict(name, version, x[None], timeout_s=max(0.001, remaining)))[0]
             if self._on_batch is not None:
                 self._on_batch((name, version), 1, time.perf_counter() - batch_started)
         labels = info.labels  # type: ignore[attr-defined]
@@ -104,9 +128,9 @@ class PredictionService:
         except DecodeBusyError as exc:
             raise ServerBusyError(exc.message, retry_after_s=exc.retry_after_s) from exc
 
-    async def _run_batch(self, key: object, batch: np.ndarray) -> np.ndarray:
+    async def _run_batch(self, key: object, batch: np.ndarray, timeout_s: float | None = None) -> np.ndarray:
         name, version = key  # type: ignore[misc]
-        return await self.predictor.predict(name, version, batch)
+        return await self.predictor.predict(name, version, batch, timeout_s=timeout_s)
 
     async def aclose(self) -> None:
         if self.batcher is not None:

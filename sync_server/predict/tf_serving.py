@@ -5,7 +5,9 @@
 
 Errors come back as `{"error": "message"}` with an HTTP status mapped from the gRPC code (404 NOT_FOUND,
 400 INVALID_ARGUMENT and FAILED_PRECONDITION, 503 UNAVAILABLE, ...). Only connection errors are
-retried (nothing reached TF Serving); a timeout or an answer is final. A server that cannot be
+retried (nothing reached TF Serving), and only while the call's time lasts; a timeout or an answer
+is final. A call with `timeout_s` ends within it, whatever the backend does (connection pool wait,
+connect, send and read together). A server that cannot be
 reached, times out, or has not loaded the version yet becomes `BackendUnavailableError` (503 with
 Retry-After); any other refusal becomes `BackendFailedError` (502).
 """
@@ -50,8 +52,9 @@ class TFServingClient:
         version: int | None = None,
         label: str | None = None,
         signature_name: str | None = None,
+        timeout_s: float | None = None,
     ) -> np.ndarray:
-        """The model's output for a batch, in row format; float32 [N, ...]."""
+        """The model's output for a batch, in row format; float32 [N, ...]; within `timeout_s` when given."""
         if version is not None and label is not None:
             raise ValueError("ask for a version or a label, not both")
         path = f"/v1/models/{_segment(name)}"
@@ -63,7 +66,7 @@ class TFServingClient:
         if signature_name:
             body += ',"signature_name":' + json.dumps(signature_name)
         body += "}"
-        response = await self._send("POST", path + ":predict", content=body.encode("utf-8"))
+        response = await self._send("POST", path + ":predict", content=body.encode("utf-8"), timeout_s=timeout_s)
         data = _json(response)
         if response.status_code != 200:
             raise self._error(response.status_code, data, what=_servable(name, version, label))
@@ -99,15 +102,28 @@ class TFServingClient:
 
     # --- internals ------------------------------------------------------------------------------
 
-    async def _send(self, method: str, path: str, content: bytes | None = None) -> httpx.Response:
+    async def _send(self, method: str, path: str, content: bytes | None = None, timeout_s: float | None = None) -> httpx.Response:
         headers = {"Content-Type": "application/json"} if content is not None else None
         attempts = 1 + max(0, self.options.retries)
+        loop = asyncio.get_running_loop()
+        budget = self.options.timeout_s if timeout_s is None else min(timeout_s, self.options.timeout_s)
+        deadline = loop.time() + budget
         for attempt in range(attempts):
+            remaining = deadline - loop.time()
+            timeout = httpx.Timeout(remaining, connect=min(self.options.connect_timeout_s, remaining))
             try:
-                return await self._http.request(method, self.url + path, content=content, headers=headers)
+                async with asyncio.timeout_at(deadline):  # httpx's timeouts are per step, this one is in total
+                    return await self._http.request(method, self.url + path, content=content, headers=headers, timeout=timeout)
+            except TimeoutError as exc:
+                raise BackendUnavailableError(
+                    f"TF Serving at {self.url} did not answer within {budget:g} s",
+                    retry_after_s=self.options.retry_after_s,
+                    code="backend_timeout",
+                ) from exc
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                if attempt + 1 < attempts:
-                    await asyncio.sleep(self.options.retry_backoff_s * (2**attempt))
+                backoff = self.options.retry_backoff_s * (2**attempt)
+                if attempt + 1 < attempts and loop.time() + backoff < deadline:
+                    await asyncio.sleep(backoff)
                     continue
                 raise BackendUnavailableError(
                     f"TF Serving at {self.url} is unreachable ({_reason(exc)}); try again shortly",
@@ -115,7 +131,7 @@ class TFServingClient:
                 ) from exc
             except httpx.TimeoutException as exc:
                 raise BackendUnavailableError(
-                    f"TF Serving at {self.url} did not answer within {self.options.timeout_s:g} s",
+                    f"TF Serving at {self.url} did not answer within {budget:g} s",
                     retry_after_s=self.options.retry_after_s,
                     code="backend_timeout",
                 ) from exc
@@ -151,8 +167,8 @@ class TFServingPredictor:
     def __init__(self, client: TFServingClient) -> None:
         self.client = client
 
-    async def predict(self, name: str, version: int, batch: np.ndarray) -> np.ndarray:
-        return await self.client.predict(name, batch, version=version)
+    async def predict(self, name: str, version: int, batch: np.ndarray, *, timeout_s: float | None = None) -> np.ndarray:
+        return await self.client.predict(name, batch, version=version, timeout_s=timeout_s)
 
     async def model_status(self, name: str) -> dict[int, str]:
         return await self.client.model_status(name)
