@@ -212,6 +212,7 @@ class Downloader:
                     if not chunk:
                         break
                     if written + len(chunk) > remote.size:
+                        part.unlink(missing_ok=True)
                         raise self._mismatch(remote, None, more=True)
                     _write_all(out, chunk)  # unbuffered: in the page cache at once, so a killed agent keeps it
                     written += len(chunk)
