@@ -32,6 +32,7 @@ from tests.server_fixtures import (  # noqa: F401  (fixtures)
     MODEL,
     _drop_postgres_at_exit,
     copy_saved_model,
+    db_url,
     publisher,
     running_server,
     server_config,
@@ -205,9 +206,10 @@ def test_a_server_starting_removes_temporaries_nobody_holds_and_only_reports_dis
     assert "run `sync-server check`" in caplog.text
 
 
-def test_check_reports_every_disagreement_and_publishing_again_restores_what_is_missing(publisher, tmp_path, capsys):
+def test_check_reports_every_disagreement_and_publishing_again_restores_what_is_missing(db_url, publisher, tmp_path, capsys):
     data = tmp_path / "data"
-    with running_server(server_config(data, None, publisher)) as server:
+    database = ("--database-url", db_url)
+    with running_server(server_config(data, db_url, publisher)) as server:
         server.publish_ok(publisher, 1, 2, channel="stable")
         server.wait_serving_idle()
         services = server.services
@@ -228,7 +230,7 @@ def test_check_reports_every_disagreement_and_publishing_again_restores_what_is_
     config = repository.config_path.read_text()
     repository.config_path.write_text(config.replace("versions: 2", "versions: 2\n        versions: 9"))  # an unknown version
 
-    code, report = _check(data, capsys=capsys)
+    code, report = _check(data, *database, capsys=capsys)
     codes = sorted(f["code"] for f in report["findings"])
     assert code == 1
     # model.tflite is the same file in both versions: each is told its copy is damaged.
@@ -237,16 +239,16 @@ def test_check_reports_every_disagreement_and_publishing_again_restores_what_is_
     assert all("publish it again" in f["message"] for f in report["findings"]
                if f["code"] in ("artifact_mismatch", "missing_saved_model", "saved_model_mismatch"))
 
-    code, report = _check(data, "--repair", capsys=capsys)
+    code, report = _check(data, "--repair", *database, capsys=capsys)
     assert code == 1, "what the registry records is never deleted: the damaged files stay reported"
     assert sorted(f["code"] for f in report["findings"] if f["repaired"]) == ["orphan_artifact", "unknown_config_version"]
     assert not stray.exists() and "versions: 9" not in repository.config_path.read_text()
 
-    with running_server(server_config(data, None, publisher)) as server:
+    with running_server(server_config(data, db_url, publisher)) as server:
         for version in (1, 2):  # the same content again: idempotent, and it puts back what was lost
             response = server.publish(publisher.bundles[version], publisher.saved_model)
             assert response.status_code == 200 and response.json()["created"] is False
-    code, report = _check(data, capsys=capsys)
+    code, report = _check(data, *database, capsys=capsys)
     assert (code, report["findings"]) == (0, [])
 
 
