@@ -6,7 +6,6 @@ resident size (ru_maxrss) of a child Python that decodes one photo.
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
@@ -63,7 +62,6 @@ def bombs(tmp_path_factory) -> dict[str, Path]:
 _CHILD = """
 import json, resource, sys
 from preprocessing import PreprocessSpec, load_image, preprocess
-from preprocessing._decode import _open, decode_cost, reduce_factor, _orientation
 data = open(sys.argv[1], "rb").read()
 how = sys.argv[2]
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -248,7 +246,7 @@ def test_waiters_are_served_in_arrival_order_so_a_big_one_is_not_starved():
 
 
 def test_concurrent_decodes_never_hold_more_than_the_budget():
-    pngs = [big_png(2000) for _ in range(1)] * 8  # 16 MB frames
+    pngs = [big_png(2000)] * 8  # 16 MB frames
     budget = DecodeBudget(40 * MB, wait_s=60)
     results: list[object] = []
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Iterator
 
 import httpx
-import pytest
 from PIL import Image
 
 from tests.server_fixtures import ADMIN_TOKEN, ENROLLMENT_SECRET, MODEL, publisher  # noqa: F401
