@@ -14,7 +14,6 @@
     │   └── InvalidPhotoError          422  (400/413 by code) a photo `preprocessing` refuses
     └── BackendError                   failures of the world, not of the caller
         ├── BackendUnavailableError    503  TF Serving down, timing out, or the version not loaded yet
-        ├── ServerBusyError            503  too many photos being decoded at once (Retry-After)
         │   └── DatabaseUnavailableError  503  the database cannot be reached or is locked (Retry-After)
         ├── DiskFullError              507  no space left for the database, artifacts or uploads
         ├── ServerBusyError            503  too many photos being decoded at once (Retry-After)
@@ -158,17 +157,6 @@ class DiskFullError(BackendError):
 
     status = 507
     default_code = "disk_full"
-
-
-class ServerBusyError(BackendError):
-    """Raised when the decode budget stayed full for the whole wait: the photo is fine, send it again (503)."""
-
-    status = 503
-    default_code = "busy"
-
-    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
-        super().__init__(message, headers={"Retry-After": str(max(1, int(retry_after_s)))})
-        self.retry_after_s = retry_after_s
 
 
 class ServerBusyError(BackendError):
