@@ -92,6 +92,8 @@ def _parser() -> OneLineParser:
     run.add_argument("--min-requests", type=int, default=None, metavar="N", help="requests before the error rate counts (default 20)")
     run.add_argument("--max-crashes", type=int, default=None, metavar="N", help="roll back after this many crashes on a new version (default 2)")
     run.add_argument("--probation", type=float, default=None, metavar="S", help="seconds a new version is watched (default 600)")
+    run.add_argument("--crash-retry", type=float, default=None, metavar="S",
+                     help="try a version refused for crashes again after S seconds, doubling each time (default 1800)")
     run.add_argument("--public-key", type=Path, default=None, help="publisher key (default: $EDGE_CLASSIFY_PUBLIC_KEY or HOME/trusted.pub)")
     run.add_argument("--verbose", "-v", action="store_true", help="log every step")
     run.set_defaults(run=_run)
@@ -138,7 +140,8 @@ def _run(args: argparse.Namespace) -> int:
 
     serve = ServeOptions(**given(("host", args.host), ("port", args.port)))
     health = HealthPolicy(**given(("max_error_rate", args.max_error_rate), ("min_requests", args.min_requests),
-                                  ("max_crashes", args.max_crashes), ("probation_s", args.probation)))
+                                  ("max_crashes", args.max_crashes), ("probation_s", args.probation),
+                                  ("crash_retry_s", args.crash_retry)))
     retry = RetryOptions(**given(("max_s", args.backoff_max)))
     values: dict[str, Any] = {"home": args.home, "serve": serve, "health": health, "retry": retry, "push": not args.no_push,
                               "public_key": args.public_key}
