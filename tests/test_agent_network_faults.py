@@ -181,7 +181,7 @@ def test_a_json_answer_that_drips_a_byte_at_a_time_fails_at_the_overall_deadline
     started = time.monotonic()
     with pytest.raises(ServerUnreachableError, match=r"no complete answer within 1 s"):
         client.request("GET", f"/v1/devices/{stand_in.device_id}/assignment")
-    assert time.monotonic() - started < 2.5, "the deadline is the whole exchange, not one read"
+    assert time.monotonic() - started < 3.0, "the deadline is the whole exchange, not one read (the drip takes 20 s)"
 
 
 def test_a_report_answer_that_drips_does_not_hold_the_outbox_and_its_retry_after_is_honoured(stand_in, tmp_path):
@@ -234,8 +234,8 @@ def test_a_429_or_503_storm_is_waited_out_as_retry_after_says_within_bounds(stan
     times = [seen.at for seen in stand_in.requests if seen.path.endswith("/assignment")][:4]
     gaps = [b - a for a, b in zip(times, times[1:])]
     assert gaps[0] >= 0.95 and gaps[1] >= 0.95, f"Retry-After: 1 was honoured ({gaps})"
-    assert 1.4 <= gaps[2] <= 2.5, f"Retry-After: 86400 was capped at the longest backoff, 1.5 s ({gaps})"
-    assert "HTTP 503" in (source.status()["last_error"] or "") or delivered
+    assert 1.4 <= gaps[2] <= 3.5, f"Retry-After: 86400 was capped at the longest backoff, 1.5 s ({gaps})"
+    assert delivered[0].version == 1 and source.following() == "ok"
 
 
 # --- downloads: throughput floor, wrong sizes, a newer assignment ---------------------------------------
