@@ -35,6 +35,7 @@ def create_app(config: ServerConfig, *, predictor: Predictor | None = None) -> F
     (push watcher, TF Serving reconciler) start with the app's lifespan.
     """
     from .api import admin, artifacts, devices, errors, ops, predict
+    from .devices import last_seen_metrics
 
     services = Services.build(config, predictor=predictor)
 
@@ -52,6 +53,7 @@ def create_app(config: ServerConfig, *, predictor: Predictor | None = None) -> F
     for router in (devices.router, predict.router, admin.router, artifacts.router, ops.router):
         app.include_router(router)
     services.metrics.add_state(ops.state_gauges(services))
+    services.metrics.add_state(last_seen_metrics(services.devices))
     app.add_middleware(JsonBodyLimitMiddleware, limit=services.config.limits.max_json_bytes)
     if services.config.throttle.enabled:
         from .throttle import Throttle, ThrottleMiddleware

@@ -489,13 +489,14 @@ _ASSIGNING = ("set", "promote", "rollback")  # events that give their version to
 _STAGING = ("rollout", "resume")  # events that give it to the devices whose bucket is below their percent
 
 
-def versions_assigned(session: Session, device_id: str, model: str) -> tuple[set[int], str]:
+def versions_assigned(session: Session, device_id: str, model: str, *, unless: int | None = None) -> tuple[set[int], str]:
     """(every version the server assigned this device on its channel since it enrolled, the channel).
 
     The channel's version now, its rollout candidate if the device falls in the rollout, and each
     version the channel's history gave it since it enrolled (a set, promote or rollback gave every
     device the version; a rollout or resume only the devices whose bucket is below its percentage).
-    A device moved to another channel counts only the new channel's versions.
+    A device moved to another channel counts only the new channel's versions. With `unless`, the
+    history is not read when that version is among the current ones.
     """
     device = session.get(Device, device_id)
     if device is None:
@@ -512,6 +513,8 @@ def versions_assigned(session: Session, device_id: str, model: str) -> tuple[set
         and bucket(device_id, model, channel.name, channel.rollout_version) < (channel.rollout_percent or 0.0)
     ):
         versions.add(channel.rollout_version)
+    if unless is not None and unless in versions:
+        return versions, device.channel  # the common case: a report about what it runs now; no history read
     events = session.execute(
         select(RolloutEvent.action, RolloutEvent.version, RolloutEvent.percent, RolloutEvent.at)
         .where(RolloutEvent.channel_id == channel.id, RolloutEvent.version.is_not(None))
@@ -540,13 +543,29 @@ def require_assigned(session: Session, device_id: str, model: str, version: int)
     """A device's report counts only for a version the server assigned it (403 `not_assigned`): a device
     outside a rollout cannot pause it, and no device can claim to run a version it never got (and so
     keep it from being deleted)."""
-    versions, channel = versions_assigned(session, device_id, model)
+    versions, channel = versions_assigned(session, device_id, model, unless=version)
     if version not in versions:
         raise PermissionDeniedError(
             f"device {device_id} was never assigned version {version} of model {model} (channel {channel!r}): "
             "a device reports only about versions the server sent it",
             code="not_assigned",
         )
+
+
+def last_seen_metrics(devices: Devices) -> Callable[[], Any]:
+    """A scrape-time collector: `sync_server_last_seen_write_failures_total`, the `last_seen_at` writes
+    that failed while the authentication went on (for `Metrics.add_state`)."""
+    from prometheus_client.core import CounterMetricFamily
+
+    def collect():  # type: ignore[no-untyped-def]
+        family = CounterMetricFamily(
+            "sync_server_last_seen_write_failures",
+            "Writes of a device's last_seen_at that failed (full disk, database locked or down); authentication went on",
+        )
+        family.add_metric([], float(devices.last_seen_failures))
+        yield family
+
+    return collect
 
 
 def require_own(device: DeviceIdentity, device_id: str) -> None:

@@ -320,6 +320,8 @@ def test_a_full_disk_answers_507_and_devices_still_read_their_assignment(publish
             assert assignment.status_code == 200 and assignment.json()["version"] == 1
             assert kiosk.assignment().json()["version"] == 1
             assert server.services.devices.last_seen_failures >= 1
+            metrics = server.client.get("/metrics").text
+            assert "sync_server_last_seen_write_failures_total 2.0" in metrics, "counted, once per device"
 
             publish = server.publish(publisher.bundles[3], publisher.saved_model)
             assert publish.status_code == 507, publish.text

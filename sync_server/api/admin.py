@@ -60,7 +60,8 @@ _PUBLISH_DOC = {
 # --- models and versions ---------------------------------------------------------------------------
 
 
-@router.post("/models", openapi_extra=_PUBLISH_DOC, status_code=201, responses=responses(400, 409))
+@router.post("/models", openapi_extra=_PUBLISH_DOC, status_code=201,
+             responses={200: {"description": "the same version was already published"}, **responses(400, 409)})
 async def publish(request: Request, state: Services = Depends(auth.services)) -> JSONResponse:
     """Publish a signed bundle with its SavedModel (multipart: `bundle`, `saved_model` tars; optional `channel`).
 
