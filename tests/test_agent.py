@@ -201,7 +201,9 @@ def test_a_killed_download_resumes_from_the_partial_file(server, bundles, publis
         assert "Range" not in gets[0]
         assert gets[1]["Range"] == f"bytes={cut}-" and gets[1]["If-Range"] == f'"{artifact["sha256"]}"'
         assert proxy.body_bytes[artifact["url"]] == len(model), "no byte was downloaded twice"
-        assert not part.exists() and not any((home / "downloads").iterdir()), "downloads are cleaned up after the install"
+        # the manager swaps the new version in, then clears the downloads: wait for the second step
+        wait_for(lambda: not part.exists() and not any((home / "downloads").iterdir()), timeout=10,
+                 what="downloads cleaned up after the install")
         status, body = classify(live["url"])
         assert status == 200 and body["model"] == {"name": "resume", "version": 1}
     finally:
