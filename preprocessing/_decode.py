@@ -235,8 +235,8 @@ def decode_cost(
     pixels = width * height
     frame = pixels * _PIXEL_BYTES.get(image.mode, 4)
     decoding = frame
-    if image.format == "WEBP":  # libwebp's canvas and the frame's bytes, then Pillow's copy
-        decoding += pixels * 8
+    if image.format == "WEBP":  # libwebp's animation decoder keeps two RGBA canvases, returns bytes, Pillow copies
+        decoding += pixels * 12
     elif image.format == "JPEG":  # the fast decoder's output bytes, before they become the frame
         decoding += pixels * 3
     out_size = (math.ceil(width / factor), math.ceil(height / factor))
