@@ -487,3 +487,22 @@ def test_reports_the_server_refuses_go_to_a_dead_letter_table_that_status_shows(
     assert "dead letters  6 reports the server refused (newest: status at " in out and ", 404: " in out
     assert main(["status", "--home", str(home), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["dead_letters"]["count"] == 6
+
+
+def test_a_kill_right_after_requests_loses_no_telemetry_count(server, bundles, publisher, tmp_path):  # noqa: F811
+    server.publish(bundles.make("counts", 1), publisher.saved_model)
+    home = device_home(tmp_path, publisher)
+    enrolled(home, server.url, "counts")
+    agent = AgentProcess(home).start()
+    try:
+        agent.wait_serving(1)
+        for burst in range(3):  # each burst is killed within milliseconds of its last answer
+            assert [agent.classify() for _ in range(4)] == [200] * 4
+            agent.kill()
+            agent.start().wait_serving(1)
+        summary = wait_for(lambda: (v := server.telemetry("counts")["versions"]) and v[0]["predictions"] >= 12 and v[0],
+                           timeout=30, what="every count at the server")
+        time.sleep(1.0)
+        assert server.telemetry("counts")["versions"][0]["predictions"] == 12, "nothing lost, nothing counted twice"
+    finally:
+        agent.stop()
