@@ -9,8 +9,8 @@ not flood its log when the descriptors do run out.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
+import re
 import resource
 import select
 import socket
@@ -211,6 +211,7 @@ def test_slow_headers_are_closed_at_the_deadline_and_healthz_answers_meanwhile(t
             held = attacker.held_seconds()
             left = attacker.still_open()
             after = server.healthz_seconds(timeout=5)
+        metrics = httpx.get(server.url + "/metrics", timeout=5).text
         log_bytes = server.log_bytes()
         log_text = server.log.read_text(errors="replace")
 
@@ -220,6 +221,9 @@ def test_slow_headers_are_closed_at_the_deadline_and_healthz_answers_meanwhile(t
     assert after < 2.0
     assert log_bytes < 20_000, f"the server logged {log_bytes} bytes: {log_text[-1500:]}"
     assert "Too many open files" not in log_text
+    closed = {reason: float(n) for reason, n in re.findall(r'sync_server_connections_closed_total\{reason="(\w+)"\} ([\d.]+)', metrics)}
+    assert closed["header_timeout"] + closed["evicted"] >= SLOW, closed
+    assert re.search(r"sync_server_connections_max \d+", metrics), "the limit is in /metrics"
 
 
 def test_a_slow_connection_that_sent_part_of_a_header_gets_408(tmp_path):
@@ -263,3 +267,20 @@ def test_descriptor_exhaustion_degrades_without_a_log_storm(tmp_path):
     assert after < 3.0, "the server did not recover after the slow connections were closed"
     assert "Too many open files" in log_text or "out of system resource" in log_text, "the test did not exhaust descriptors"
     assert log_bytes < 20_000, f"the server logged {log_bytes} bytes when descriptors ran out"
+
+
+def test_at_the_connection_limit_with_every_connection_busy_a_new_one_gets_503(tmp_path):
+    """Connections sending a body are busy, not idle: none is evicted, so a new one is refused."""
+    head = (
+        b"POST /v1/devices/enroll HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 5000\r\n\r\n{"
+    )
+    with sync_server(tmp_path, "--max-connections", "4", "--body-timeout", "30") as server:
+        with slow_clients(server.port, 4, head) as busy:
+            time.sleep(0.3)
+            refused = httpx.get(server.url + "/healthz", timeout=5)
+            assert busy.still_open() == 4
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "too_many_connections"
+        time.sleep(0.3)
+        assert server.healthz_seconds(timeout=5) < 2.0, "room again once they are gone"
