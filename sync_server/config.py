@@ -113,7 +113,7 @@ class ThrottleOptions:
     predict_per_s: float = 5.0
     predict_burst: int = 20
     reports_per_s: float = 0.5
-    reports_burst: int = 20
+    reports_burst: int = 60  # a device's outbox replays its backlog after an outage
     enroll_per_s: float = 10.0
     enroll_burst: int = 100
     max_tracked: int = 100_000  # credentials remembered at once (least recently used are forgotten)
@@ -289,7 +289,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("throttle.predict_per_s", "--predict-rate", float, "fallback predictions per second per device (default 5; 0: no limit)", "R"),
     Setting("throttle.predict_burst", "--predict-burst", int, "fallback predictions a device may send at once (default 20)", "N"),
     Setting("throttle.reports_per_s", "--report-rate", float, "status and telemetry reports per second per device (default 0.5; 0: no limit)", "R"),
-    Setting("throttle.reports_burst", "--report-burst", int, "reports a device may send at once (default 20)", "N"),
+    Setting("throttle.reports_burst", "--report-burst", int, "reports a device may send at once (default 60)", "N"),
     Setting("throttle.enroll_per_s", "--enroll-rate", float, "enrolments per second per enrolment credential (default 10; 0: no limit)", "R"),
     Setting("throttle.enroll_burst", "--enroll-burst", int, "enrolments one credential may make at once (default 100)", "N"),
 )
