@@ -283,7 +283,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("connections.header_timeout_s", "--header-timeout", float, "seconds a client has to send its request headers (default 10)", "S"),
     Setting("connections.body_timeout_s", "--body-timeout", float, "seconds a request body may take, plus 1 s per --body-min-rate bytes received (default 30)", "S"),
     Setting("connections.body_min_bytes_per_s", "--body-min-rate", int, "bytes per second a slow body must keep up to earn more time (default 1024)", "BYTES"),
-    Setting("connections.max_connections", "--max-connections", int, "connections held at once (default 0: three quarters of the descriptor limit)", "N"),
+    Setting("connections.max_connections", "--max-connections", int, "connections held at once (default 0: the descriptor limit less a quarter of it, at least 96)", "N"),
     Setting("connections.keep_alive_s", "--keep-alive-timeout", int, "seconds an idle kept-alive connection stays open (default 5)", "S"),
     Setting("throttle.enabled", "--throttle", _bool, "rate-limit predictions, reports and enrolment per credential: on or off (default on)", "on|off"),
     Setting("throttle.predict_per_s", "--predict-rate", float, "fallback predictions per second per device (default 5; 0: no limit)", "R"),
