@@ -52,6 +52,8 @@ from .serving_repo import ServedModel, ServingRepository
 log = logging.getLogger("sync_server.check")
 
 LEFTOVER_CODES = ("temp_artifact", "incoming_folder", "trash_folder", "temp_config", "upload_staging")
+#: What `--repair` removes or rewrites; the rest needs the version published again.
+REPAIRABLE_CODES = LEFTOVER_CODES + ("orphan_folder", "orphan_artifact", "unknown_config_version")
 _TRASH = re.compile(r"^\.\d+-(stale|deleted)-")
 _INCOMING = re.compile(r"^\.\d+-incoming-")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -119,8 +121,9 @@ class CheckReport:
             out.append("clean: the database, the artifact store and the TF Serving repository agree"
                        + (f" ({repaired} removed)" if repaired else ""))
         else:
+            repairable = [f for f in self.remaining if f.code in REPAIRABLE_CODES]
             out.append(f"{len(self.remaining)} problem(s) remain" + (f", {repaired} removed" if repaired else "")
-                       + ("" if any(f.repaired for f in self.findings) else "; `sync-server check --repair` removes leftovers"))
+                       + (f"; `sync-server check --repair` removes {len(repairable)} of them" if repairable else ""))
         return out
 
 
