@@ -152,6 +152,22 @@ def speed(repeats: int) -> dict:
 # ---- memory ---------------------------------------------------------------------------------------
 
 
+def load_jpeg8(module_root: str | None):
+    """The `_jpeg8` extension under `module_root` (another build), or this checkout's."""
+    import importlib.util
+
+    if not module_root:
+        from preprocessing import _fastjpeg  # noqa: F401  (sets the decoder's limits)
+        from preprocessing import _jpeg8
+
+        return _jpeg8
+    path = next(Path(module_root, "preprocessing").glob("_jpeg8*.so"))
+    spec = importlib.util.spec_from_file_location("_jpeg8", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _status(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -161,14 +177,9 @@ def _status(field: str) -> int:
 
 def memory_child(case_file: str, decoder: str, module_root: str | None) -> None:
     """One decode in this fresh process; prints JSON."""
-    if module_root:
-        sys.path.insert(0, module_root)
-    else:
-        sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT))
     data = Path(case_file).read_bytes()
-    import importlib
-
-    jpeg8 = importlib.import_module("preprocessing._jpeg8")
+    jpeg8 = load_jpeg8(module_root)
     if decoder == "pillow":
         pillow_draft(data)  # warm: imports, plugin set-up
     else:
@@ -220,15 +231,8 @@ def memory(module_root: str | None) -> dict:
 
 def soak(calls: int, module_root: str | None) -> dict:
     """Resident memory over `calls` decodes of mixed sizes (0.5 to 12 MP, a 50 MP frame now and then)."""
-    import importlib
-
-    sys.path.insert(0, module_root or str(ROOT))
-    jpeg8 = importlib.import_module("preprocessing._jpeg8")
-    if module_root:
-        sys.path.remove(module_root)
-        sys.path.insert(0, str(ROOT))
-    else:
-        from preprocessing import _fastjpeg  # noqa: F401  (sets the decoder's limits)
+    sys.path.insert(0, str(ROOT))
+    jpeg8 = load_jpeg8(module_root)
     from tests.jpeg_forge import forge
 
     from edge_demo.synthetic import CATEGORIES, render_product

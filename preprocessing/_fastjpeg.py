@@ -32,12 +32,12 @@ def available() -> bool:
 _CORES = os.cpu_count() or 1
 
 #: Fast decodes allowed at once. Each uses two threads and up to ~125 MiB of scratch memory (a 200 MP
-#: frame; ~20 MiB for a 12 MP photo); one more than this is declined at once and Pillow decodes it
+#: frame; ~14 MiB for a 12 MP photo); one more than this is declined at once and Pillow decodes it
 #: (slower, leaner). Two decodes on two cores gain nothing over one, so: one per two cores.
 ENV_IN_FLIGHT = "EDGE_CLASSIFY_FAST_JPEG_IN_FLIGHT"
 #: Scratch memory the decoder keeps between calls (fresh pages cost a page fault each): enough for a
-#: 12 MP photo; a bigger frame's buffers are freed when its call returns.
-KEEP_BYTES = 32 * 1024 * 1024
+#: 12 MP photo (~14 MiB on two threads); a bigger frame's buffers are freed when its call returns.
+KEEP_BYTES = 24 * 1024 * 1024
 
 
 def _max_in_flight() -> int:

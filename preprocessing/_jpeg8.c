@@ -568,13 +568,13 @@ static void render_mcus_420(const Jpeg *j, Emit *e, int m0, int m1)
 }
 
 /* ---- buffer pool ------------------------------------------------------------------------------- */
-/* A 12-megapixel photo needs about 20 MB of scratch memory. Fresh pages cost a page fault each
- * (milliseconds per photo), so the last buffers of each kind are kept for the next photo, but never
- * more than POOL_KEEP_BYTES in all: what a 12 MP photo needs stays, the buffers of a rare 50 or
- * 200 MP frame go back to the system after its call. The counters below say what is kept, what is
- * in use and the most that was in use at once (memory_stats()). */
+/* A 12-megapixel photo needs about 14 MB of scratch memory (two threads). Fresh pages cost a page
+ * fault each (milliseconds per photo), so the last buffers of each kind are kept for the next photo,
+ * but never more than POOL_KEEP_BYTES in all: what a 12 MP photo needs stays, the buffers of a rare
+ * 50 or 200 MP frame go back to the system after its call. The counters below say what is kept,
+ * what is in use and the most that was in use at once (memory_stats()). */
 enum { POOL_BUF, POOL_RST, POOL_DC, POOL_WS, POOL_REC, POOL_DC2, POOL_WS2, POOL_PLANES, POOL_KINDS };
-#define POOL_KEEP_BYTES_DEFAULT ((size_t)32 << 20)
+#define POOL_KEEP_BYTES_DEFAULT ((size_t)24 << 20)
 static pthread_mutex_t POOL_LOCK = PTHREAD_MUTEX_INITIALIZER;
 static void *POOL_PTR[POOL_KINDS];
 static size_t POOL_SIZE[POOL_KINDS];
