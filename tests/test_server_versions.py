@@ -59,7 +59,7 @@ def test_versions_in_use_are_kept_and_the_answer_says_why(db_url, publisher, tmp
         server.set_channel(1)
         server.set_channel(2)  # stable: 2, previous 1
         server.set_channel(3, "canary")
-        device = server.enroll()
+        device = server.enroll(channel="canary")  # it was assigned canary's version 3
         server.wait_serving_idle()
         for version, channel in ((2, "stable"), (1, "stable"), (3, "canary")):
             refused = server.admin("DELETE", f"/v1/models/{MODEL}/versions/{version}").json()["error"]
