@@ -164,7 +164,7 @@ def test_a_loop_that_dies_anyway_is_restarted_and_reported():
     supervisor.watch("follower", lambda: threads["loop"].is_alive(), start)
     supervisor.start()
     try:
-        wait_for(lambda: len(runs) == 2, timeout=5, what="the loop to be restarted")
+        wait_for(lambda: len(runs) == 2 and restarts, timeout=5, what="the loop to be restarted and reported")
         assert restarts == [("follower", "the follower loop stopped")]
         assert supervisor.restarts == {"follower": 1}
     finally:
