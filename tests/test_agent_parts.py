@@ -271,3 +271,33 @@ def test_enrolment_pins_a_key_ring_as_it_is(tmp_path):
     (tmp_path / "bad.pub").write_text("-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----\n")
     with pytest.raises(AgentError, match="--public-key"):
         _pin_key(paths, tmp_path / "bad.pub")
+
+
+def test_a_photo_that_finds_the_decode_budget_full_gets_503_busy_and_counts_against_no_model():
+    import io
+
+    from PIL import Image
+
+    from edge_runtime.agent.serving import Classify
+    from preprocessing import DecodeBudget, load_image
+
+    budget = DecodeBudget(8 << 20, wait_s=0.05)
+
+    class Decoding(FakeServable):
+        threshold = 0.5
+
+        def classify(self, data, top_k):  # noqa: ANN001, ANN201
+            load_image(data, budget=budget)  # the real decode, inside a budget other photos hold
+            raise AssertionError("the budget was full: the photo cannot have decoded")
+
+    photo = io.BytesIO()
+    Image.new("RGB", (640, 480), "white").save(photo, "PNG")
+    handle = ServableHandle()
+    handle.swap(Decoding(3))
+    recorded, health = [], []
+    classify = Classify(handle, AgentOptions(), fallback=None, record=lambda *a, **k: recorded.append((a, k)),
+                        health=lambda ref, error: health.append(error))
+    with budget.reserve(8 << 20):  # other photos are being decoded
+        status, result = classify(photo.getvalue(), "shelf.png", 1, "auto")
+    assert status == 503 and result.error["code"] == "busy" and result.model_version == 3
+    assert health == [] and recorded == [], "a busy decoder is not a failure of the model"

@@ -261,6 +261,7 @@ class OutboxSender:
         self._stop = threading.Event()
         self._failures = 0
         self._next_try = 0.0
+        self._not_before = 0.0  # a Retry-After the server asked for: a kick does not cut it short
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -268,8 +269,8 @@ class OutboxSender:
         self._thread.start()
 
     def kick(self) -> None:
-        """Try now: there is something new, or the server is reachable again."""
-        self._next_try = 0.0
+        """Try now (or once the server's Retry-After has passed): there is something new, or the server is reachable again."""
+        self._next_try = self._not_before
         self._failures = 0
         self._wake.set()
 
@@ -315,6 +316,8 @@ class OutboxSender:
         delay = retry_delay(exc, self._failures, self.retry)  # the server's Retry-After, within bounds
         self._failures += 1
         self._next_try = time.monotonic() + delay
+        asked = getattr(exc, "retry_after_s", None)
+        self._not_before = self._next_try if asked else 0.0
         log.info("reports wait in the outbox (%d queued); next try in %.1f s: %s", self.outbox.count(), delay, exc)
 
     def _run(self) -> None:

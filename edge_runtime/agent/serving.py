@@ -27,7 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 from typing import Any, Callable
 
-from preprocessing import InvalidImageError
+from preprocessing import DecodeBusyError, InvalidImageError
 
 from ..fallback import FallbackClient
 from ..pipeline import ask_server_if_unsure
@@ -73,6 +73,9 @@ class Classify:
             ref, threshold = servable.ref, servable.threshold
             try:
                 categories, _ = servable.classify(data, top_k)
+            except DecodeBusyError as exc:  # other photos hold the decode budget: not the model's fault
+                return 503, Classification(path, model_name=ref.name, model_version=ref.version,
+                                           latency_ms=_ms(started), error=exc.to_dict())
             except InvalidImageError as exc:
                 return 422, Classification(path, model_name=ref.name, model_version=ref.version,
                                            latency_ms=_ms(started), error=exc.to_dict())
