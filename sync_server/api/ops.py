@@ -24,7 +24,10 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={
+    200: {"description": "Ready: every check passed", "content": {"application/json": {}}},
+    503: {"description": "Not ready: the body names each failing check", "content": {"application/json": {}}},
+})
 async def readyz(state: Services = Depends(auth.services)) -> JSONResponse:
     """Ready to serve: the database answers, the data directory is writable, the backend is up.
 
@@ -55,7 +58,9 @@ async def readyz(state: Services = Depends(auth.services)) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response, responses={
+    200: {"description": "Prometheus text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}},
+})
 def metrics(state: Services = Depends(auth.services)) -> Response:
     """Prometheus text format."""
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)
