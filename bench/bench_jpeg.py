@@ -42,6 +42,10 @@ def make_photo_12mp() -> bytes:
     from edge_demo.synthetic import CATEGORIES, render_product
 
     image = render_product(CATEGORIES[0], np.random.default_rng([13, 0]), (4000, 3000))
+    # sensor-like fine texture, so the bitstream is as dense as a phone's (~3 MB at quality 90)
+    pixels = np.asarray(image).astype(np.int16)
+    pixels += np.random.default_rng(7).integers(-12, 13, size=pixels.shape, dtype=np.int16)
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=90)
     return buffer.getvalue()
@@ -70,23 +74,27 @@ def pillow_draft(data: bytes) -> np.ndarray:
     return np.asarray(image)
 
 
-def decoders(data: bytes) -> tuple[dict, list[str]]:
+def decoders(data: bytes, baseline_root: str | None = None) -> tuple[dict, list[str]]:
     from preprocessing import _fastjpeg
 
     width, height = Image.open(io.BytesIO(data)).size
     found: dict = {}
     notes: list[str] = []
-    if _fastjpeg._jpeg8 is not None:
-        def fast(threads: int):
-            def run() -> np.ndarray:
-                w, h, c, pixels = _fastjpeg._jpeg8.decode_eighth(data, threads)
-                return np.frombuffer(pixels, np.uint8).reshape(h, w, c)
-            return run
 
-        found["_jpeg8, 2 threads"] = fast(2)
-        found["_jpeg8, 1 thread"] = fast(1)
+    def fast(module, threads: int):
+        def run() -> np.ndarray:
+            w, h, c, pixels = module.decode_eighth(data, threads)
+            return np.frombuffer(pixels, np.uint8).reshape(h, w, c)
+        return run
+
+    if _fastjpeg._jpeg8 is not None:
+        found["_jpeg8, 2 threads"] = fast(_fastjpeg._jpeg8, 2)
+        found["_jpeg8, 1 thread"] = fast(_fastjpeg._jpeg8, 1)
     else:
         notes.append("_jpeg8 is not compiled in: skipped")
+    if baseline_root:
+        found["_jpeg8 baseline, 2 thr"] = fast(load_jpeg8(baseline_root), 2)
+        notes.append(f"baseline: the _jpeg8 build under {baseline_root}")
     found["Pillow draft (1/8)"] = lambda: pillow_draft(data)
     try:
         import simplejpeg
@@ -106,9 +114,9 @@ def decoders(data: bytes) -> tuple[dict, list[str]]:
     return found, notes
 
 
-def speed(repeats: int) -> dict:
+def speed(repeats: int, baseline_root: str | None = None) -> dict:
     data = make_photo_12mp()
-    found, notes = decoders(data)
+    found, notes = decoders(data, baseline_root)
     reference = pillow_draft(data)
     same = {}
     for name, run in found.items():
@@ -267,6 +275,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--memory", action="store_true", help="peak memory per decode instead of speed")
     parser.add_argument("--module-root", help="measure the _jpeg8 build under this folder (with --memory or --soak)")
+    parser.add_argument("--baseline-root", help="also time the _jpeg8 build under this folder (speed)")
     parser.add_argument("--soak", type=int, metavar="CALLS", help="resident memory over CALLS decodes")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--memory-child", nargs=2, metavar=("FILE", "DECODER"), help=argparse.SUPPRESS)
@@ -280,7 +289,7 @@ def main() -> int:
     elif args.soak:
         results = soak(args.soak, args.module_root)
     else:
-        results = speed(args.repeats)
+        results = speed(args.repeats, args.baseline_root)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
