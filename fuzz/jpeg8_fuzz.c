@@ -90,6 +90,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     (void)argc;
     (void)argv;
     jpeg8_init();
+    MAX_SCRATCH_BYTES = SIZE_MAX; /* fuzz the big frames too (the extension declines them) */
     return 0;
 }
 

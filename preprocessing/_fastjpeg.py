@@ -31,9 +31,13 @@ def available() -> bool:
 
 _CORES = os.cpu_count() or 1
 
-#: Fast decodes allowed at once. Each uses two threads and up to ~125 MiB of scratch memory (a 200 MP
-#: frame; ~14 MiB for a 12 MP photo); one more than this is declined at once and Pillow decodes it
-#: (slower, leaner). Two decodes on two cores gain nothing over one, so: one per two cores.
+#: The most scratch memory one fast decode may use: a 12 MP photo needs ~14 MiB, a 50 MP frame ~45;
+#: a frame that needs more (the 200 MP cap: ~175) is declined before anything is allocated, and
+#: Pillow decodes it (~30 MiB at 1/8 scale).
+MAX_SCRATCH_BYTES = 64 * 1024 * 1024
+#: Fast decodes allowed at once. Each uses two threads and up to MAX_SCRATCH_BYTES; one more than this
+#: is declined at once and Pillow decodes it (slower, leaner). Two decodes on two cores gain nothing
+#: over one, so: one per two cores.
 ENV_IN_FLIGHT = "EDGE_CLASSIFY_FAST_JPEG_IN_FLIGHT"
 #: Scratch memory the decoder keeps between calls (fresh pages cost a page fault each): enough for a
 #: 12 MP photo (~14 MiB on two threads); a bigger frame's buffers are freed when its call returns.
@@ -49,7 +53,7 @@ def _max_in_flight() -> int:
 
 MAX_IN_FLIGHT = _max_in_flight()
 if _jpeg8 is not None:
-    _jpeg8.set_limits(MAX_IN_FLIGHT, KEEP_BYTES)
+    _jpeg8.set_limits(MAX_IN_FLIGHT, KEEP_BYTES, MAX_SCRATCH_BYTES)
 
 
 def default_threads() -> int:

@@ -579,6 +579,9 @@ static pthread_mutex_t POOL_LOCK = PTHREAD_MUTEX_INITIALIZER;
 static void *POOL_PTR[POOL_KINDS];
 static size_t POOL_SIZE[POOL_KINDS];
 static size_t POOL_KEEP_BYTES = POOL_KEEP_BYTES_DEFAULT;
+/* The most scratch memory one decode may use (a 12 MP photo: ~14 MiB, 50 MP: ~45, the 200 MP cap:
+ * ~175); a frame that needs more is declined before anything is allocated. */
+static size_t MAX_SCRATCH_BYTES = (size_t)64 << 20;
 static size_t POOL_KEPT;        /* bytes in POOL_PTR */
 static size_t SCRATCH_IN_USE;   /* bytes handed out by pool_get and not yet put back */
 static size_t SCRATCH_PEAK;     /* the most SCRATCH_IN_USE has been since the last reset */
@@ -1258,10 +1261,24 @@ static ptrdiff_t jpeg8_prepare(Jpeg *j, const uint8_t *d, ptrdiff_t n)
     return start;
 }
 
+/* The most scratch memory a decode of `j` allocates (with `data_bytes` of entropy-coded data). */
+static size_t scratch_estimate(const Jpeg *j, size_t data_bytes, int threads)
+{
+    size_t total = (size_t)j->nmcu * j->bpm, chroma = (size_t)j->nmcu * j->chroma_per_mcu + 1;
+    size_t intervals = j->dri ? ((size_t)j->nmcu + j->dri - 1) / j->dri : 1;
+    size_t est = data_bytes + PAD_BYTES + sizeof(uint32_t) * intervals + sizeof(int16_t) * total +
+                 sizeof(int32_t) * 10 * chroma;
+    if (!j->chroma2x2) est += (size_t)j->mcux * j->hmax * j->mcuy * j->vmax * j->ncomp; /* planes */
+    if (threads > 1 && !j->dri) est += (sizeof(Record) + sizeof(int16_t)) * total + sizeof(int32_t) * 10 * chroma;
+    return est;
+}
+
 /* Decode the data of a prepared `j` into `out`; 0, or -1: declined. Call free_jpeg(j) after. */
 static int jpeg8_run(Jpeg *j, const uint8_t *d, ptrdiff_t start, ptrdiff_t n, uint8_t *out, int threads)
 {
     int out_w = (j->width + 7) / 8, out_h = (j->height + 7) / 8;
+    /* a frame that needs more scratch than one decode may take goes to Pillow (leaner at 1/8) */
+    if (scratch_estimate(j, (size_t)(n - start), threads) > MAX_SCRATCH_BYTES) return -1;
     int rc = unstuff(j, d, start, n);
     if (rc != 0) return -1;
     size_t total = (size_t)j->nmcu * j->bpm;
@@ -1331,23 +1348,24 @@ static PyObject *memory_stats(PyObject *self, PyObject *args)
     pthread_mutex_unlock(&POOL_LOCK);
     int flight_peak = atomic_load(&IN_FLIGHT_PEAK);
     if (reset) atomic_store(&IN_FLIGHT_PEAK, atomic_load(&IN_FLIGHT));
-    return Py_BuildValue("{s:n,s:n,s:n,s:n,s:i,s:i,s:i}", "kept_bytes", (Py_ssize_t)kept, "keep_limit_bytes",
+    return Py_BuildValue("{s:n,s:n,s:n,s:n,s:n,s:i,s:i,s:i}", "kept_bytes", (Py_ssize_t)kept, "keep_limit_bytes",
                          (Py_ssize_t)keep, "scratch_in_use_bytes", (Py_ssize_t)in_use, "scratch_peak_bytes",
-                         (Py_ssize_t)peak, "in_flight", atomic_load(&IN_FLIGHT), "in_flight_peak", flight_peak,
-                         "max_in_flight", MAX_IN_FLIGHT);
+                         (Py_ssize_t)peak, "max_scratch_bytes", (Py_ssize_t)MAX_SCRATCH_BYTES, "in_flight",
+                         atomic_load(&IN_FLIGHT), "in_flight_peak", flight_peak, "max_in_flight", MAX_IN_FLIGHT);
 }
 
-/* set_limits(max_in_flight, keep_bytes) -> None */
+/* set_limits(max_in_flight, keep_bytes, max_scratch_bytes) -> None */
 static PyObject *set_limits(PyObject *self, PyObject *args)
 {
     int max_in_flight;
-    Py_ssize_t keep;
-    if (!PyArg_ParseTuple(args, "in", &max_in_flight, &keep)) return NULL;
-    if (max_in_flight < 1 || keep < 0) {
-        PyErr_SetString(PyExc_ValueError, "max_in_flight must be >= 1 and keep_bytes >= 0");
+    Py_ssize_t keep, max_scratch = (Py_ssize_t)MAX_SCRATCH_BYTES;
+    if (!PyArg_ParseTuple(args, "in|n", &max_in_flight, &keep, &max_scratch)) return NULL;
+    if (max_in_flight < 1 || keep < 0 || max_scratch < 0) {
+        PyErr_SetString(PyExc_ValueError, "max_in_flight must be >= 1, keep_bytes and max_scratch_bytes >= 0");
         return NULL;
     }
     MAX_IN_FLIGHT = max_in_flight;
+    MAX_SCRATCH_BYTES = (size_t)max_scratch;
     pool_set_keep((size_t)keep);
     Py_RETURN_NONE;
 }
@@ -1362,8 +1380,8 @@ static PyMethodDef methods[] = {
      "memory_stats(reset_peak=False) -> dict: scratch bytes kept between calls, in use, the peak in\n"
      "use since the last reset, and decodes in flight (now, peak, allowed)."},
     {"set_limits", set_limits, METH_VARARGS,
-     "set_limits(max_in_flight, keep_bytes): decodes allowed at once, and the most scratch memory kept\n"
-     "between calls (kept buffers are freed now)."},
+     "set_limits(max_in_flight, keep_bytes, max_scratch_bytes=64 MiB): decodes allowed at once, the most\n"
+     "scratch memory kept between calls (kept buffers are freed now), the most one decode may use."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_jpeg8", NULL, -1, methods};

@@ -404,3 +404,20 @@ def test_decodes_beyond_the_in_flight_limit_go_to_pillow(monkeypatch, phone_phot
     for result in results:
         np.testing.assert_array_equal(result, expected)
     assert stats["in_flight_peak"] == 1 and stats["in_flight"] == 0
+
+
+def test_a_frame_needing_more_scratch_than_one_decode_may_use_goes_to_pillow(monkeypatch):
+    # 120 MP of flat 4:2:0 in a 0.9 MB file: ~105 MiB of scratch on the fast path, ~20 MiB in Pillow
+    data = jpeg_forge.forge(12000, 10000, ((2, 2), (1, 1), (1, 1)))
+    assert _fastjpeg._jpeg8.decode_eighth(data, 2) is None
+    np.testing.assert_array_equal(
+        load_image(data, draft_size=DRAFT, limits=HUGE), pillow_only(monkeypatch, data, limits=HUGE)
+    )
+    # the cap is why it declined: with room enough it decodes, to the same pixels
+    _fastjpeg._jpeg8.set_limits(_fastjpeg.MAX_IN_FLIGHT, _fastjpeg.KEEP_BYTES, 1 << 30)
+    try:
+        w, h, c, pixels = _fastjpeg._jpeg8.decode_eighth(data, 2)
+    finally:
+        _fastjpeg._jpeg8.set_limits(_fastjpeg.MAX_IN_FLIGHT, _fastjpeg.KEEP_BYTES, _fastjpeg.MAX_SCRATCH_BYTES)
+    assert (w, h, c) == (1500, 1250, 3)
+    assert _fastjpeg.memory_stats()["max_scratch_bytes"] == _fastjpeg.MAX_SCRATCH_BYTES
