@@ -271,3 +271,121 @@ def test_a_request_whose_deadline_passes_in_the_queue_is_never_sent_and_a_batch_
     assert answer.tolist() == [1.0]
     assert len(sent) == 1, f"requests past their deadline were sent: {sent}"
     assert 1.8 < sent[0][1] <= 2.0, "the backend call got the time its request had left"
+
+
+# --- adaptive batching: no wait when idle, batches under load -----------------------------------------
+
+
+def test_a_lone_request_goes_at_once_even_with_a_long_batch_window():
+    """With nothing running, the batch window does not apply: the photo is sent as soon as it arrives."""
+    sent_after: list[float] = []
+
+    async def run(key, batch):
+        return batch
+
+    async def main():
+        batcher = Batcher(run, BatchingOptions(max_batch_size=32, max_wait_ms=5_000, num_batch_threads=2))
+        loop = asyncio.get_running_loop()
+        answers = []
+        for _ in range(3):  # one at a time, as a single device asks
+            started = loop.time()
+            answers.append(await batcher.submit("m", np.ones(2, np.float32)))
+            sent_after.append(loop.time() - started)
+        records = list(batcher.recent)
+        await batcher.aclose()
+        return answers, records
+
+    answers, records = _run(main())
+    assert [a.tolist() for a in answers] == [[1.0, 1.0]] * 3
+    assert [r.size for r in records] == [1, 1, 1]
+    assert max(sent_after) < 1.0, f"a lone request waited for the 5 s batch window: {sent_after}"
+    assert all(r.others_in_flight == 0 for r in records)
+
+
+def test_requests_arriving_while_a_batch_runs_go_together_as_the_next_batch():
+    """One slot: the first photo goes alone; the ten that come while it runs form the next batch."""
+    sizes: list[int] = []
+
+    async def run(key, batch):
+        sizes.append(len(batch))
+        await asyncio.sleep(0.3)
+        return batch + 1
+
+    async def main():
+        batcher = Batcher(run, BatchingOptions(max_batch_size=32, max_wait_ms=5_000, num_batch_threads=1))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        first = asyncio.create_task(batcher.submit("m", np.zeros(1, np.float32)))
+        while batcher.in_flight("m") == 0:
+            await asyncio.sleep(0.005)
+        later = [asyncio.create_task(batcher.submit("m", np.full(1, i, np.float32))) for i in range(10)]
+        answers = await asyncio.gather(first, *later)
+        elapsed = loop.time() - started
+        await batcher.aclose()
+        return answers, elapsed
+
+    answers, elapsed = _run(main())
+    assert sizes == [1, 10], sizes
+    assert [a.tolist() for a in answers] == [[1.0]] + [[i + 1.0] for i in range(10)]
+    assert elapsed < 3.0, "the second batch went when the backend was free, not after the 5 s window"
+
+
+def test_with_two_slots_a_busy_servable_gathers_its_second_batch_and_sends_it_when_the_first_ends():
+    """A batch is running and a slot is free: photos gather (up to the window) instead of going one by one."""
+    sizes: list[int] = []
+
+    async def run(key, batch):
+        sizes.append(len(batch))
+        await asyncio.sleep(0.3)
+        return batch
+
+    async def main():
+        batcher = Batcher(run, BatchingOptions(max_batch_size=32, max_wait_ms=5_000, num_batch_threads=2))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        first = asyncio.create_task(batcher.submit("m", np.zeros(1, np.float32)))
+        while batcher.in_flight("m") == 0:
+            await asyncio.sleep(0.005)
+        later = []
+        for i in range(6):  # trickling in, as prepared photos do
+            later.append(asyncio.create_task(batcher.submit("m", np.full(1, i, np.float32))))
+            await asyncio.sleep(0.01)
+        await asyncio.gather(first, *later)
+        elapsed = loop.time() - started
+        await batcher.aclose()
+        return elapsed
+
+    elapsed = _run(main())
+    assert sizes == [1, 6], sizes
+    assert elapsed < 3.0, "the gathering batch went when the running one finished, not after the 5 s window"
+
+
+def test_a_queued_request_past_its_deadline_is_not_sent_with_a_long_batch_window():
+    """The wait for a batch to fill never outlasts a deadline: the request gives up on time, unsent."""
+    sent: list[int] = []
+
+    async def run(key, batch, timeout_s=None):
+        sent.append(len(batch))
+        await asyncio.sleep(1.0)
+        return batch
+
+    async def main():
+        batcher = Batcher(run, BatchingOptions(max_batch_size=32, max_wait_ms=5_000, num_batch_threads=2))
+        loop = asyncio.get_running_loop()
+        first = asyncio.create_task(batcher.submit("m", np.zeros(1, np.float32), loop.time() + 5))
+        while batcher.in_flight("m") == 0:
+            await asyncio.sleep(0.005)
+        started = loop.time()
+        deadline = started + 0.2
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout_at(deadline):
+                await batcher.submit("m", np.ones(1, np.float32), deadline)
+        gave_up_after = loop.time() - started
+        await first
+        await asyncio.sleep(0.05)
+        await batcher.aclose()
+        return gave_up_after
+
+    gave_up_after = _run(main())
+    assert gave_up_after < 0.9, "the caller was answered at its deadline"
+    assert sent == [1], f"the request past its deadline was sent: {sent}"

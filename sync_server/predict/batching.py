@@ -1,16 +1,24 @@
-"""Combine concurrent single-photo requests into batches, per servable, as TF Serving's batching does.
+"""Combine concurrent single-photo requests into batches, per servable, only when there is load.
 
-Each servable (model name, version) has a queue and a scheduler task. The scheduler waits for a free
-batch slot (`num_batch_threads` batches of a servable run at once), then takes the first waiting
-photo, and keeps adding photos until the batch holds `max_batch_size` or `max_wait_ms` have passed
-since that first photo. Under load, photos queue while the slots are busy, so batches fill up without
-waiting; a lone request waits at most `max_wait_ms`.
+Each servable (model name, version) has a lane: a queue, `num_batch_threads` batch slots and a
+scheduler task. The policy is adaptive, like TF Serving's and Triton's dynamic batching with a queue
+delay that only applies while the backend is already busy:
+
+- **Idle: no wait.** When a slot is free and no batch of the servable is running, the scheduler sends
+  what is queued at once, so a lone request goes straight to the backend (the batch window costs
+  nothing at low load).
+- **Loaded: batches grow by themselves.** While every slot is busy, requests queue; as soon as a slot
+  frees, everything queued (up to `max_batch_size`) goes as the next batch.
+- **Busy but a slot free: a short wait.** When another batch is running and a slot is free, the
+  scheduler waits up to `max_wait_ms` (or until the batch is full, or until no batch is running any
+  more) before sending: under load a few milliseconds gather a batch that costs far less per photo
+  than two small calls competing for the same cores.
 
 Deadlines: `submit(key, x, deadline=...)` (a `loop.time()`) says when the caller stops waiting. A
 request whose deadline passes while it is queued is never sent (its caller, cancelled at the deadline
 by the prediction service, answers 503 then); a batch is sent with the time its latest deadline leaves
 as the backend's timeout (`run(key, batch, timeout_s=...)`), so no backend call outlives the requests
-it answers.
+it answers. The wait for a batch to fill never runs past the earliest deadline in it.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Hashable
 
 import numpy as np
@@ -43,8 +51,30 @@ class _Item:
         return self.future.cancelled() or (self.deadline is not None and now >= self.deadline)
 
 
+@dataclass
+class _Lane:
+    """One servable's queue, its batch slots and how many of its batches are running."""
+
+    queue: asyncio.Queue[_Item]
+    slots: asyncio.Semaphore
+    in_flight: int = 0
+    finished: asyncio.Event = field(default_factory=asyncio.Event)  # set whenever one of its batches ends
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """One batch sent to the backend: how many photos, and how long they had waited in the queue."""
+
+    size: int
+    waited_s: float  # from the first photo's submit to the batch's send
+    others_in_flight: int  # batches of the same servable running when this one was sent
+
+
 class Batcher:
     """Batches calls to `run(key, batch)`; `submit(key, x)` returns the row of the answer for `x`."""
+
+    #: How many `BatchRecord`s `recent` keeps (for tests and the benchmark; /metrics has the totals).
+    RECENT = 256
 
     def __init__(
         self,
@@ -55,11 +85,16 @@ class Batcher:
         self._run = run
         self.options = options
         self._on_batch = on_batch
-        self._queues: dict[Hashable, asyncio.Queue[_Item]] = {}
+        self._lanes: dict[Hashable, _Lane] = {}
         self._schedulers: dict[Hashable, asyncio.Task] = {}
-        self._slots: dict[Hashable, asyncio.Semaphore] = {}
         self._running: set[asyncio.Task] = set()
         self._closed = False
+        self.recent: list[BatchRecord] = []
+
+    def in_flight(self, key: Hashable) -> int:
+        """Batches of `key` being run by the backend now."""
+        lane = self._lanes.get(key)
+        return lane.in_flight if lane is not None else 0
 
     async def submit(self, key: Hashable, x: np.ndarray, deadline: float | None = None) -> np.ndarray:
         """Queue one example (without the batch axis) and wait for its output row.
@@ -72,48 +107,76 @@ class Batcher:
             raise RuntimeError("the batcher is closed")
         loop = asyncio.get_running_loop()
         item = _Item(x, loop.create_future(), time.perf_counter(), deadline)
-        queue = self._queues.get(key)
-        if queue is None:
-            queue = self._queues[key] = asyncio.Queue()
-            self._slots[key] = asyncio.Semaphore(self.options.num_batch_threads)
-            self._schedulers[key] = asyncio.create_task(self._schedule(key, queue), name=f"batcher-{key}")
-        queue.put_nowait(item)
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = _Lane(asyncio.Queue(), asyncio.Semaphore(self.options.num_batch_threads))
+            self._schedulers[key] = asyncio.create_task(self._schedule(key, lane), name=f"batcher-{key}")
+        lane.queue.put_nowait(item)
         return await item.future
 
-    async def _schedule(self, key: Hashable, queue: asyncio.Queue[_Item]) -> None:
-        slots = self._slots[key]
+    async def _schedule(self, key: Hashable, lane: _Lane) -> None:
+        loop = asyncio.get_running_loop()
         max_size = self.options.max_batch_size
         max_wait = self.options.max_wait_ms / 1000.0
         while True:
-            await slots.acquire()
+            await lane.slots.acquire()
             try:
-                first = await queue.get()
+                batch = [await lane.queue.get()]
+                self._drain(lane, batch, max_size)
+                if len(batch) < max_size and max_wait > 0 and lane.in_flight > 0:
+                    await self._gather_more(lane, batch, max_size, loop.time() + max_wait)
             except asyncio.CancelledError:
-                slots.release()
+                lane.slots.release()
                 raise
-            batch = [first]
-            deadline = time.perf_counter() + max_wait
-            while len(batch) < max_size:
-                if not queue.empty():
-                    batch.append(queue.get_nowait())
-                    continue
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(queue.get(), remaining))
-                except asyncio.TimeoutError:
-                    break
-            now = asyncio.get_running_loop().time()
+            now = loop.time()
             batch = [item for item in batch if not item.expired(now)]  # nobody waits for these any more
             if not batch:
-                slots.release()
+                lane.slots.release()
                 continue
-            task = asyncio.create_task(self._execute(key, batch, slots))
+            self._record(BatchRecord(len(batch), time.perf_counter() - batch[0].queued_at, lane.in_flight))
+            lane.in_flight += 1
+            task = asyncio.create_task(self._execute(key, lane, batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    async def _execute(self, key: Hashable, batch: list[_Item], slots: asyncio.Semaphore) -> None:
+    @staticmethod
+    def _drain(lane: _Lane, batch: list[_Item], max_size: int) -> None:
+        while len(batch) < max_size and not lane.queue.empty():
+            batch.append(lane.queue.get_nowait())
+
+    async def _gather_more(self, lane: _Lane, batch: list[_Item], max_size: int, until: float) -> None:
+        """Add photos to `batch` until it is full, `until` passes, or no other batch is running."""
+        loop = asyncio.get_running_loop()
+        deadlines = [item.deadline for item in batch if item.deadline is not None]
+        if deadlines:
+            until = min(until, min(deadlines))
+        while len(batch) < max_size and lane.in_flight > 0:
+            remaining = until - loop.time()
+            if remaining <= 0:
+                return
+            lane.finished.clear()
+            getter = asyncio.ensure_future(lane.queue.get())
+            finished = asyncio.ensure_future(lane.finished.wait())
+            try:
+                await asyncio.wait((getter, finished), timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in (getter, finished):
+                    if not waiter.done():
+                        waiter.cancel()  # a cancelled Queue.get leaves its item in the queue
+            if getter.done() and not getter.cancelled():
+                batch.append(getter.result())
+                if batch[-1].deadline is not None:
+                    until = min(until, batch[-1].deadline)  # type: ignore[type-var]
+                self._drain(lane, batch, max_size)
+            else:
+                return
+
+    def _record(self, record: BatchRecord) -> None:
+        self.recent.append(record)
+        if len(self.recent) > self.RECENT:
+            del self.recent[: len(self.recent) - self.RECENT]
+
+    async def _execute(self, key: Hashable, lane: _Lane, batch: list[_Item]) -> None:
         started = time.perf_counter()
         try:
             x = np.stack([item.x for item in batch])
@@ -136,7 +199,9 @@ class Batcher:
                 if not item.future.done():
                     item.future.set_result(row)
         finally:
-            slots.release()
+            lane.in_flight -= 1
+            lane.finished.set()
+            lane.slots.release()
             if self._on_batch is not None:
                 self._on_batch(key, len(batch), time.perf_counter() - started)
 
@@ -144,8 +209,8 @@ class Batcher:
         """Stop the schedulers; requests still queued get a CancelledError."""
         self._closed = True
         await cancel_and_wait(list(self._schedulers.values()) + list(self._running))
-        for queue in self._queues.values():
-            while not queue.empty():
-                item = queue.get_nowait()
+        for lane in self._lanes.values():
+            while not lane.queue.empty():
+                item = lane.queue.get_nowait()
                 if not item.future.done():
                     item.future.cancel()
