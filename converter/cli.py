@@ -23,6 +23,7 @@ from .errors import ConversionError, ValidationGateError
 from .options import (
     DEFAULT_CALIBRATION_LIMIT,
     DEFAULT_CONFIDENCE_THRESHOLD,
+    DEFAULT_WARMUP_PHOTOS,
     DEFAULT_MIN_AGREEMENT,
     DEFAULT_MIN_CLASS_AGREEMENT,
 )
@@ -109,6 +110,9 @@ def _parser() -> argparse.ArgumentParser:
                          help="write no manifest.sig (devices refuse such bundles: for experiments only)")
     convert.add_argument("--serving-repo", type=Path, metavar="REPO",
                          help="also lay the SavedModel into a TF Serving repository as REPO/NAME/VERSION/")
+    convert.add_argument("--warmup-photos", type=int, default=DEFAULT_WARMUP_PHOTOS, metavar="N",
+                         help="calibration (else validation) photos written as the TF Serving version's warm-up "
+                              "requests, assets.extra/tf_serving_warmup_requests; 0 writes none (default %(default)s)")
     convert.add_argument("--threads", type=int, default=1, metavar="N",
                          help="LiteRT threads when measuring latency (default %(default)s)")
     convert.add_argument("--force", action="store_true", help="replace an existing bundle folder")
@@ -136,6 +140,10 @@ def _parser() -> argparse.ArgumentParser:
     serving.add_argument("--repo", required=True, type=Path, metavar="REPO")
     serving.add_argument("--name", required=True)
     serving.add_argument("--version", type=int, metavar="N", help="default: the next free version")
+    serving.add_argument("--warmup-from", type=Path, metavar="DIR",
+                         help="photos for the warm-up requests (default: a mid-grey photo of the input's shape)")
+    serving.add_argument("--no-warmup", action="store_true",
+                         help="write no assets.extra/tf_serving_warmup_requests (and keep TensorFlow unloaded)")
     serving.set_defaults(run=_run_serving_export)
     return parser
 
@@ -158,6 +166,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         version=args.version,
         confidence_threshold=args.confidence_threshold,
         serving_repo=args.serving_repo,
+        warmup_photos=args.warmup_photos,
         overwrite=args.force,
         show_progress=stderr_is_terminal() and not args.json,
     )
@@ -279,10 +288,20 @@ def _q(quantization: tuple[float, int] | None) -> str:
 
 
 def _run_serving_export(args: argparse.Namespace) -> int:
-    from .serving import export_for_serving, next_version
+    from .serving import WARMUP_FILE, export_for_serving, next_version, version_path
 
     version = args.version or next_version(args.repo, args.name)
-    print(f"TF Serving version {export_for_serving(args.saved_model, args.repo, args.name, version)}")
+    version_path(args.repo, args.name, version)  # refuses a taken version before the SavedModel loads
+    warmup = None
+    if not args.no_warmup:
+        from .pipeline import warmup_for_serving
+
+        warmup = warmup_for_serving(args.saved_model, args.name, args.warmup_from)
+    path = export_for_serving(args.saved_model, args.repo, args.name, version, warmup=warmup and warmup.data)
+    if warmup is not None:
+        print(f"warm-up requests {path / WARMUP_FILE} ({warmup.records}, batch sizes "
+              f"{', '.join(map(str, warmup.batch_sizes))})")
+    print(f"TF Serving version {path}")  # last: scripts read the path from the final line
     return 0
 
 

@@ -17,6 +17,8 @@ DEFAULT_MIN_CLASS_AGREEMENT = 0.80
 DEFAULT_CONFIDENCE_THRESHOLD = 0.5
 DEFAULT_CALIBRATION_LIMIT = 200
 DEFAULT_SMOKE_CASES = 3
+#: Photos turned into TF Serving warm-up requests (each alone, then all as one batch); 0 writes none.
+DEFAULT_WARMUP_PHOTOS = 4
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,9 @@ class ConvertOptions:
     confidence_threshold: float = DEFAULT_CONFIDENCE_THRESHOLD
     #: Also lay the SavedModel into this TF Serving model repository as REPO/NAME/VERSION/.
     serving_repo: Path | None = None
+    #: Calibration (else validation) photos written as the version's TF Serving warm-up requests
+    #: (`assets.extra/tf_serving_warmup_requests`); 0 writes none. At most 999 (TF Serving reads 1000).
+    warmup_photos: int = DEFAULT_WARMUP_PHOTOS
     #: Replace an existing bundle folder.
     overwrite: bool = False
     smoke_cases: int = DEFAULT_SMOKE_CASES
@@ -112,6 +117,9 @@ class ConvertOptions:
         if self.version is not None and (isinstance(self.version, bool) or not isinstance(self.version, int)
                                          or self.version < 1):
             raise UsageError(f"--version must be a whole number of at least 1, got {self.version!r}")
+        if isinstance(self.warmup_photos, bool) or not isinstance(self.warmup_photos, int) \
+                or not 0 <= self.warmup_photos <= 999:
+            raise UsageError(f"--warmup-photos must be a whole number from 0 to 999, got {self.warmup_photos!r}")
         if self.smoke_cases < 1:
             raise UsageError("smoke_cases must be at least 1")
         return replace(

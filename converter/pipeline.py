@@ -26,7 +26,7 @@ from .gpu import check_gpu_compatibility
 from .lite_model import LiteClassifier
 from .manifest import FORMAT_VERSION, Manifest, TensorInfo
 from .metadata import ClassifierMetadata, write_metadata
-from .options import ConvertOptions
+from .options import DEFAULT_WARMUP_PHOTOS, ConvertOptions
 from .progress import native_log_captured
 from .report import GpuReport, ValidationReport
 from .saved_model import SavedModelClassifier
@@ -35,6 +35,7 @@ from .signing import KEY_PASSWORD_ENV, key_id, load_private_key
 from .smoke import make_smoke_test
 from .to_tflite import convert_to_tflite
 from .validate import validate
+from .warmup import WarmupRecords, build_warmup, warmup_batches
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,9 @@ def _convert(saved_model: Path, options: ConvertOptions, terminal: IO[str] | Non
                     f"conversion refused, no bundle written: {'; '.join(report.failures)}", report
                 )
         candidates = list(photos.paths) if photos is not None else calibration
+        warmup = None
+        if options.serving_repo is not None and options.warmup_photos:
+            warmup = _warmup_records(source, name, calibration or candidates, options.warmup_photos)
         smoke = make_smoke_test(lite, lite_spec, source.labels, candidates, q.mode, options.smoke_cases)
         manifest = Manifest(
             name=name,
@@ -125,14 +129,15 @@ def _convert(saved_model: Path, options: ConvertOptions, terminal: IO[str] | Non
             source=_source_record(source),
             validation=report,
             gpu=gpu,
-            serving={"name": name, "version": version} if options.serving_repo is not None else None,
+            serving=_serving_record(name, version, warmup) if options.serving_repo is not None else None,
             converter=_versions(converted.calibration_photos),
             signing={"algorithm": "Ed25519", "key_id": key_id(sign_key)} if sign_key is not None else None,
             format_version=FORMAT_VERSION,
         )
     serving_path = None
     if options.serving_repo is not None:
-        serving_path = export_for_serving(source.path, options.serving_repo, name, version)
+        serving_path = export_for_serving(source.path, options.serving_repo, name, version,
+                                          warmup=None if warmup is None else warmup.data)
     try:
         bundle = write_bundle(options.out, model, manifest, sign_key=sign_key, overwrite=options.overwrite)
     except BaseException:
@@ -141,6 +146,28 @@ def _convert(saved_model: Path, options: ConvertOptions, terminal: IO[str] | Non
         raise
     warnings = tuple(f"skipped calibration photo {s}" for s in converted.calibration_skipped)
     return ConversionResult(bundle, manifest, report, gpu, serving_path, 0.0, warnings, converted.log)
+
+
+def _warmup_records(source: SavedModelClassifier, name: str, photos: list[Path], limit: int) -> WarmupRecords:
+    """TF Serving warm-up requests from the photos (calibration first), prepared with the float spec."""
+    return build_warmup(name, source.input_name, warmup_batches(photos, source.spec, limit))
+
+
+def warmup_for_serving(saved_model: str | os.PathLike, name: str, photos: Path | None = None,
+                       limit: int = DEFAULT_WARMUP_PHOTOS) -> WarmupRecords:
+    """Warm-up records for `edge-convert serving-export`: from the photos in `photos` (any layout) when
+    given, else from one mid-grey photo of the model's input shape."""
+    source = SavedModelClassifier(saved_model)
+    found = _calibration_photos(photos, limit) if photos is not None else []
+    return _warmup_records(source, name, found, limit)
+
+
+def _serving_record(name: str, version: int, warmup: WarmupRecords | None) -> dict[str, object]:
+    """The manifest's `serving` entry; the warm-up file's sha256 is signed with the manifest."""
+    record: dict[str, object] = {"name": name, "version": version}
+    if warmup is not None:
+        record["warmup"] = warmup.to_dict()
+    return record
 
 
 def _signing_key(options: ConvertOptions) -> Ed25519PrivateKey | None:

@@ -2,7 +2,9 @@
 
 TF Serving's file-system source loads any all-digit folder it sees, even one still being copied, so the
 version is copied into a hidden, non-numeric folder beside it and renamed into place in one step.
-Versions are immutable: an existing version folder is never replaced. Stdlib only.
+Versions are immutable: an existing version folder is never replaced. With `warmup` (the bytes
+`converter.warmup.build_warmup` made), the copy gets `assets.extra/tf_serving_warmup_requests` before
+the rename, so TF Serving warms the version up at load. Stdlib only.
 """
 
 from __future__ import annotations
@@ -50,8 +52,14 @@ def version_path(repo: str | os.PathLike, name: str, version: int) -> Path:
     return target
 
 
-def export_for_serving(saved_model: str | os.PathLike, repo: str | os.PathLike, name: str, version: int) -> Path:
-    """Copy the SavedModel (with its labels and spec files) to REPO/NAME/VERSION/, atomically."""
+#: The warm-up file's place in a version folder (converter.warmup.WARMUP_FILE; repeated to stay stdlib-only).
+WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
+
+
+def export_for_serving(saved_model: str | os.PathLike, repo: str | os.PathLike, name: str, version: int,
+                       *, warmup: bytes | None = None) -> Path:
+    """Copy the SavedModel (with its labels and spec files, and `warmup` as its TF Serving warm-up
+    records when given) to REPO/NAME/VERSION/, atomically."""
     source = Path(saved_model)
     if not (source / "saved_model.pb").is_file():
         raise NotASavedModelError(f"{source} is not a SavedModel folder (no saved_model.pb)")
@@ -60,6 +68,9 @@ def export_for_serving(saved_model: str | os.PathLike, repo: str | os.PathLike, 
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(source, staging)
+        if warmup is not None:  # replaces any warm-up file the SavedModel brought along
+            (staging / WARMUP_FILE).parent.mkdir(exist_ok=True)
+            (staging / WARMUP_FILE).write_bytes(warmup)
         os.rename(staging, target)
     except OSError as exc:
         raise PublishError(f"cannot publish {target}: {exc.strerror or exc}") from exc

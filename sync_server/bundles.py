@@ -23,7 +23,7 @@ from typing import Any, BinaryIO, Sequence
 from preprocessing import PreprocessSpec, SpecError
 
 from .errors import BundleRejectedError, ConfigError, DiskFullError, PayloadTooLargeError
-from .serving_repo import saved_model_digest
+from .serving_repo import check_warmup, saved_model_digest
 
 #: Model names: a folder name and a URL segment (the converter's NAME_PATTERN).
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -173,6 +173,7 @@ def check_saved_model(path: Path, bundle: VerifiedBundle) -> CheckedSavedModel:
             )
     digest = saved_model_digest(path)
     _check_fingerprint(path, bundle)
+    check_warmup(path, bundle.manifest)
     return CheckedSavedModel(path, digest)
 
 

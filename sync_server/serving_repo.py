@@ -200,6 +200,38 @@ def saved_model_digest(folder: Path) -> str:
     return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
 
 
+#: TF Serving's warm-up requests in a version folder (written by the converter, see converter/warmup.py).
+WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
+
+
+def check_warmup(folder: Path, manifest: Mapping[str, object]) -> None:
+    """Refuse a SavedModel whose warm-up file is not the one the converter signed.
+
+    `assets.extra/` counts in the digest the registry records, so TF Serving lists only what was
+    recorded; this ties the warm-up file to the signature too: its sha256 must equal the signed
+    manifest's `serving.warmup.sha256`. TF Serving runs these requests at load (a bad file fails the
+    load), so an unsigned file is refused rather than served. A SavedModel without one is fine.
+    """
+    path = folder / WARMUP_FILE
+    if not path.is_file():
+        return
+    serving = manifest.get("serving")
+    warmup = serving.get("warmup") if isinstance(serving, Mapping) else None
+    expected = warmup.get("sha256") if isinstance(warmup, Mapping) else None
+    if not isinstance(expected, str):
+        raise BundleRejectedError(
+            f"the SavedModel has {WARMUP_FILE} but the bundle's signed manifest records no warm-up file "
+            "(serving.warmup): publish the TF Serving export edge-convert wrote with this bundle, or remove the file",
+            code="saved_model_mismatch",
+        )
+    if _sha256(path) != expected:
+        raise BundleRejectedError(
+            f"the SavedModel's {WARMUP_FILE} is not the one the converter signed (its sha256 differs from the "
+            "manifest's serving.warmup.sha256): publish the TF Serving export edge-convert wrote with this bundle",
+            code="saved_model_mismatch",
+        )
+
+
 _DIGEST_TOP = ("saved_model.pb", "saved_model.pbtxt", "fingerprint.pb", "labels.txt", "preprocess_spec.json")
 _DIGEST_DIRS = ("variables", "assets", "assets.extra")
 

@@ -67,7 +67,9 @@ def test_the_serving_repository_gets_the_same_version(session, tiny_saved_model)
     assert (version / "saved_model.pb").is_file() and (version / "variables").is_dir()
     assert session["report"]["serving_path"] == str(version)
     manifest = json.loads((Path(session["report"]["bundle"]) / "manifest.json").read_text())
-    assert manifest["serving"] == {"name": "tiny", "version": 1}
+    assert {k: manifest["serving"][k] for k in ("name", "version")} == {"name": "tiny", "version": 1}
+    assert manifest["serving"]["warmup"]["file"] == "assets.extra/tf_serving_warmup_requests"
+    assert (version / manifest["serving"]["warmup"]["file"]).is_file()  # tests/test_serving_warmup.py reads it
     assert [p.name for p in (session["repo"] / "tiny").iterdir()] == ["1"]  # no half-copied folders
 
 

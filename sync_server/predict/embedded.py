@@ -4,6 +4,10 @@ It reads the same repository TF Serving would (`models/NAME/VERSION/`) and calls
 `serving_default` signature. Loaded versions are kept in a small LRU (`max_loaded`); a version is
 loaded before an older one is dropped, the same availability-preserving order TF Serving follows, so
 memory briefly holds one extra model during a switch. TensorFlow is imported here and only here.
+
+A version is warmed up as TF Serving does it before it counts as loaded: the requests in its
+`assets.extra/tf_serving_warmup_requests` (the converter writes them), or without that file one
+zero photo of the signature's input shape, run once; a version whose warm-up fails is not served.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import asyncio
 import collections
 import logging
 import threading
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -24,6 +30,11 @@ from .tf_serving import OUTPUT_NAMES
 
 log = logging.getLogger("sync_server.embedded")
 
+#: TF Serving's warm-up file, relative to a version folder, and the most of it read (TF Serving: 1000 records).
+WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
+MAX_WARMUP_RECORDS = 1000
+MAX_WARMUP_BYTES = 256 << 20
+
 
 @dataclass
 class _Loaded:
@@ -31,6 +42,10 @@ class _Loaded:
     function: Any
     input_name: str
     output_name: str
+    #: Warm-up requests run at load, where they came from ("records" or "zeros"), and how long they took.
+    warmup_requests: int = 0
+    warmup_source: str = ""
+    warmup_s: float = 0.0
 
 
 class EmbeddedPredictor:
@@ -46,6 +61,8 @@ class EmbeddedPredictor:
         self._load_locks: dict[tuple[str, int], threading.Lock] = collections.defaultdict(threading.Lock)
         self._limiter = anyio.CapacityLimiter(max_threads)
         self._preloads: set[asyncio.Task] = set()
+        #: (name, version) -> warm-up requests run when it was last loaded.
+        self.warmed_up: dict[tuple[str, int], int] = {}
 
     async def predict(self, name: str, version: int, batch: np.ndarray, *, timeout_s: float | None = None) -> np.ndarray:
         # A TensorFlow call cannot be interrupted: the caller stops waiting at its deadline instead.
@@ -99,8 +116,28 @@ class EmbeddedPredictor:
         input_name = next(iter(inputs))
         outputs = function.structured_outputs
         output_name = next((k for k in OUTPUT_NAMES if k in outputs), sorted(outputs)[0])
-        log.info("loaded SavedModel", extra={"model": name, "version": version})
-        return _Loaded(model, function, input_name, output_name)
+        loaded = _Loaded(model, function, input_name, output_name)
+        self._warm_up(name, version, path, loaded, inputs[input_name])
+        log.info("loaded SavedModel", extra={"model": name, "version": version, "warmup_requests": loaded.warmup_requests,
+                                             "warmup_source": loaded.warmup_source, "warmup_s": round(loaded.warmup_s, 3)})
+        return loaded
+
+    def _warm_up(self, name: str, version: int, path: Path, loaded: _Loaded, spec: Any) -> None:
+        """Run the version's warm-up requests (or one zero photo) once; BackendFailedError if they fail."""
+        import tensorflow as tf
+
+        started = time.perf_counter()
+        batches, source = _warmup_batches(path / WARMUP_FILE, loaded.input_name, spec, name, version)
+        for batch in batches:
+            try:
+                loaded.function(**{loaded.input_name: tf.constant(batch, dtype=tf.float32)})
+            except (tf.errors.OpError, ValueError, TypeError) as exc:
+                raise BackendFailedError(
+                    f"version {version} of model {name} failed its warm-up request of shape {list(batch.shape)}: "
+                    f"{_first_line(exc)}", code="warmup_failed") from exc
+        loaded.warmup_requests, loaded.warmup_source = len(batches), source
+        loaded.warmup_s = time.perf_counter() - started
+        self.warmed_up[(name, version)] = len(batches)
 
     async def preload(self, name: str, version: int) -> None:
         """Start loading a version in the background, so its first request does not wait for it."""
@@ -133,6 +170,42 @@ class EmbeddedPredictor:
         with self._lock:
             self._loaded.clear()
         await asyncio.sleep(0)
+
+
+def _warmup_batches(file: Path, input_name: str, spec: Any, name: str, version: int) -> tuple[list[np.ndarray], str]:
+    """The warm-up batches of a version: its TF Serving warm-up records, checked against the signature's
+    input, or (without the file) one zero photo of the input's shape."""
+    shape = [1 if d is None else int(d) for d in spec.shape.as_list()] if spec.shape.rank is not None else None
+    if not file.is_file():
+        if shape is None:
+            return [], "none"
+        return [np.zeros(shape, dtype=np.float32)], "zeros"
+
+    def refuse(reason: str) -> BackendFailedError:
+        return BackendFailedError(f"the warm-up requests of version {version} of model {name} ({WARMUP_FILE}) {reason}",
+                                  code="warmup_failed")
+
+    if file.stat().st_size > MAX_WARMUP_BYTES:
+        raise refuse(f"are over {MAX_WARMUP_BYTES >> 20} MiB")
+    try:
+        from converter.errors import DataError
+        from converter.warmup import read_warmup, request_inputs
+    except ImportError as exc:  # tensorflow-serving-api missing: the shape is what warms the model up
+        log.warning("cannot read warm-up records, warming up with zeros", extra={"model": name, "version": version, "error": str(exc)})
+        return ([np.zeros(shape, dtype=np.float32)], "zeros") if shape is not None else ([], "none")
+    batches = []
+    try:
+        for record in read_warmup(file, MAX_WARMUP_RECORDS):
+            inputs = request_inputs(record)
+            if set(inputs) != {input_name}:
+                raise refuse(f"name inputs {sorted(inputs)}; the signature takes {input_name!r}")
+            batch = inputs[input_name]
+            if batch.dtype != np.float32 or (shape is not None and (batch.ndim != len(shape) or list(batch.shape[1:]) != shape[1:])):
+                raise refuse(f"hold a {batch.dtype} tensor of shape {list(batch.shape)}; the signature takes float32 {spec.shape}")
+            batches.append(batch)
+    except DataError as exc:
+        raise refuse(f"are unreadable: {exc}") from exc
+    return batches, "records"
 
 
 def _first_line(exc: BaseException) -> str:
