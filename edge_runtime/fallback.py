@@ -1,12 +1,21 @@
 """Ask the sync server's full model when the device is unsure, never waiting longer than a bound.
 
-The request: `POST {server}/v1/models/{name}/predict?version={v}&top_k={k}` with the photo's bytes as
-the body (`application/octet-stream`) and, when the device is enrolled, `Authorization: Bearer TOKEN`.
-The answer: `{"model": {"name", "version"}, "top_k": [{"label", "score"}, ...]}`.
+The request, when the device has the fitted pixels it fed its own model (the default):
+`POST {server}/v1/models/{name}/predict/pixels?version={v}&top_k={k}` with `Content-Type:
+application/x-edge-pixels`, `X-Pixels-Shape: HxWx3`, `X-Spec-Digest: <PreprocessSpec.pixels_digest()>`
+and the raw uint8 pixels (H*W*3 bytes: 27 KB at 96x96, 147 KB at 224x224) as the body: no decode on
+the server, and the full model sees exactly the device's input. An older server without that route
+(404 at routing, or 415) gets the photo instead, and this client remembers not to try pixels again;
+a server whose version has another spec (409 `spec_mismatch`) gets the photo for that request.
 
-Only the standard library is used, so the device starts fast. The whole exchange runs on a worker
-thread that the caller waits for at most `timeout` seconds: a server that accepts the connection and
-then drips bytes cannot hold a photo longer than that.
+The photo request: `POST {server}/v1/models/{name}/predict?version={v}&top_k={k}` with the photo's
+bytes as the body (`application/octet-stream`). Both carry `Authorization: Bearer TOKEN` when the
+device is enrolled. The answer: `{"model": {"name", "version"}, "top_k": [{"label", "score"}, ...]}`.
+
+Only the standard library is used, so the device starts fast. The whole exchange (the pixel request
+and, if the server needs it, the photo request) runs on a worker thread that the caller waits for at
+most `timeout` seconds: a server that accepts the connection and then drips bytes cannot hold a photo
+longer than that.
 """
 
 from __future__ import annotations
@@ -17,11 +26,19 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import FallbackUnavailableError
 from .results import Category
 
+if TYPE_CHECKING:  # annotations only: the device imports numpy and preprocessing anyway, but not here
+    import numpy as np
+
+    from preprocessing import PreprocessSpec
+
 DEFAULT_TIMEOUT_S = 2.0
+#: The content type of a pixel payload (sync_server.api.predict reads it).
+PIXELS_CONTENT_TYPE = "application/x-edge-pixels"
 
 
 @dataclass(frozen=True)
@@ -42,6 +59,27 @@ class ServerAnswer:
     model_version: int | None
 
 
+@dataclass(frozen=True)
+class PixelPayload:
+    """The fitted uint8 pixels a device fed its own model, and the digest of the spec that fitted them."""
+
+    data: bytes  # row-major RGB, height * width * 3 bytes
+    height: int
+    width: int
+    spec_digest: str
+
+    def __post_init__(self) -> None:
+        if len(self.data) != self.height * self.width * 3:
+            raise ValueError(f"pixels of {self.height}x{self.width}x3 are {self.height * self.width * 3} bytes, got {len(self.data)}")
+
+    @classmethod
+    def from_array(cls, pixels: "np.ndarray", spec: "PreprocessSpec") -> "PixelPayload":
+        """From `preprocessing.preprocess_pixels(photo, spec)` (uint8, `spec.pixel_shape`)."""
+        if str(pixels.dtype) != "uint8" or tuple(pixels.shape) != spec.pixel_shape:
+            raise ValueError(f"pixels must be uint8 {spec.pixel_shape}, got {pixels.dtype} {tuple(pixels.shape)}")
+        return cls(pixels.tobytes(), spec.height, spec.width, spec.pixels_digest())
+
+
 class FallbackClient:
     """Sends low-confidence photos to the server's full model."""
 
@@ -51,27 +89,47 @@ class FallbackClient:
         if options.timeout_s <= 0:
             raise ValueError("the fallback timeout must be positive")
         self.options = options
+        self._no_pixel_route = False  # set once the server showed it has no pixel route
 
-    def predict(self, image: bytes, model_name: str, model_version: int | None, top_k: int) -> ServerAnswer:
-        """The server's answer, or `FallbackUnavailableError` within `timeout_s` seconds."""
+    def predict(
+        self, image: bytes, model_name: str, model_version: int | None, top_k: int, pixels: PixelPayload | None = None
+    ) -> ServerAnswer:
+        """The server's answer, or `FallbackUnavailableError` within `timeout_s` seconds.
+
+        With `pixels`, they are sent instead of the photo unless this server has shown it cannot take them.
+        """
         query = {"top_k": str(top_k)}
         if model_version is not None:
             query["version"] = str(model_version)
-        url = (
-            self.options.server_url.rstrip("/")
-            + f"/v1/models/{urllib.parse.quote(model_name, safe='')}/predict?"
-            + urllib.parse.urlencode(query)
-        )
-        headers = {"Content-Type": "application/octet-stream", "Accept": "application/json"}
+        base = self.options.server_url.rstrip("/") + f"/v1/models/{urllib.parse.quote(model_name, safe='')}/predict"
+        suffix = "?" + urllib.parse.urlencode(query)
+        headers = {"Accept": "application/json"}
         if self.options.token:
             headers["Authorization"] = f"Bearer {self.options.token}"
-        request = urllib.request.Request(url, data=image, headers=headers, method="POST")
+        photo_request = urllib.request.Request(
+            base + suffix, data=image, headers={**headers, "Content-Type": "application/octet-stream"}, method="POST"
+        )
+        pixel_request = None
+        if pixels is not None and self.sends_pixels:
+            pixel_headers = {
+                **headers,
+                "Content-Type": PIXELS_CONTENT_TYPE,
+                "X-Pixels-Shape": f"{pixels.height}x{pixels.width}x3",
+                "X-Spec-Digest": pixels.spec_digest,
+            }
+            pixel_request = urllib.request.Request(base + "/pixels" + suffix, data=pixels.data, headers=pixel_headers, method="POST")
         outcome: dict[str, object] = {}
 
         def _call() -> None:
             try:
-                with urllib.request.urlopen(request, timeout=self.options.timeout_s) as response:
-                    outcome["body"] = response.read(1 << 20)
+                if pixel_request is not None:
+                    try:
+                        outcome["body"] = self._send(pixel_request)
+                        return
+                    except urllib.error.HTTPError as exc:
+                        if not self._photo_instead(exc):
+                            raise
+                outcome["body"] = self._send(photo_request)
             except BaseException as exc:  # reported to the waiting caller  # noqa: BLE001
                 outcome["error"] = exc
 
@@ -83,6 +141,37 @@ class FallbackClient:
         if "error" in outcome:
             raise FallbackUnavailableError(_describe(outcome["error"])) from outcome["error"]  # type: ignore[misc]
         return _parse(outcome["body"])  # type: ignore[arg-type]
+
+    @property
+    def sends_pixels(self) -> bool:
+        """False once this server showed it has no pixel route (an older sync server)."""
+        return not self._no_pixel_route
+
+    def _send(self, request: urllib.request.Request) -> bytes:
+        with urllib.request.urlopen(request, timeout=self.options.timeout_s) as response:
+            return response.read(1 << 20)
+
+    def _photo_instead(self, exc: urllib.error.HTTPError) -> bool:
+        """Whether a refused pixel request should be retried with the photo (remembering an old server)."""
+        code = _error_code(exc)
+        if exc.code == 415 or (exc.code in (404, 405) and code in (None, "not_found", "method_not_allowed")):
+            self._no_pixel_route = True  # the route is missing (unknown models answer `unknown_model`)
+            return True
+        return exc.code == 409 and code == "spec_mismatch"  # this version has another spec: its own decode
+
+
+def _error_code(exc: urllib.error.HTTPError) -> str | None:
+    """`error.code` of a JSON error answer (read once and kept on `exc` for `_describe`)."""
+    if not hasattr(exc, "_edge_body"):
+        try:
+            exc._edge_body = exc.read(4096)  # type: ignore[attr-defined]
+        except OSError:
+            exc._edge_body = b""  # type: ignore[attr-defined]
+    try:
+        error = json.loads(exc._edge_body).get("error")  # type: ignore[attr-defined]
+        return str(error["code"]) if isinstance(error, dict) and "code" in error else None
+    except (ValueError, AttributeError, TypeError):
+        return None
 
 
 def _parse(body: bytes) -> ServerAnswer:
@@ -98,9 +187,10 @@ def _parse(body: bytes) -> ServerAnswer:
 
 def _describe(exc: object) -> str:
     if isinstance(exc, urllib.error.HTTPError):
+        _error_code(exc)  # reads the body once
         try:
-            detail = json.loads(exc.read(4096)).get("error", {}).get("message", "")
-        except (ValueError, AttributeError, OSError):
+            detail = json.loads(exc._edge_body).get("error", {}).get("message", "")  # type: ignore[attr-defined]
+        except (ValueError, AttributeError, TypeError):
             detail = ""
         return f"the server answered HTTP {exc.code}" + (f": {detail}" if detail else "")
     if isinstance(exc, urllib.error.URLError):

@@ -16,11 +16,14 @@ import warnings
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from preprocessing import DEFAULT_BUDGET, DecodeBudget, DecodeBusyError, InvalidImageError, PreprocessSpec, preprocess, read_source
+from preprocessing import (
+    DEFAULT_BUDGET, DecodeBudget, DecodeBusyError, InvalidImageError, PreprocessSpec, normalise, preprocess, preprocess_pixels,
+    read_source,
+)
 
 from .errors import FallbackUnavailableError
 from .results import Classification
@@ -29,7 +32,7 @@ if TYPE_CHECKING:  # annotations only: each loads when used (the fallback client
     from concurrent.futures import Future
 
     from .classifier import Classifier
-    from .fallback import FallbackClient
+    from .fallback import FallbackClient, PixelPayload
 
 FALLBACK_MODES = ("auto", "never", "always")
 
@@ -58,6 +61,7 @@ class _Prepared:
     data: bytes | None
     error: InvalidImageError | DecodeBusyError | None
     ms: float
+    pixels: np.ndarray | None = None  # the fitted uint8 pixels behind `tensor`, kept with `data` for the server
 
 
 def _load(
@@ -72,8 +76,10 @@ def _load(
     started = time.perf_counter()
     try:
         data = read_source(path)
-        tensor = preprocess(data, spec, threads=threads, budget=budget)
-        return _Prepared(path, tensor, data if keep_bytes else None, None, _ms(started))
+        if not keep_bytes:
+            return _Prepared(path, preprocess(data, spec, threads=threads, budget=budget), None, None, _ms(started))
+        pixels = preprocess_pixels(data, spec, threads=threads, budget=budget)  # the same steps, kept for the server
+        return _Prepared(path, normalise(pixels, spec), data, None, _ms(started), pixels)
     except (InvalidImageError, DecodeBusyError) as exc:
         return _Prepared(path, None, None, exc, _ms(started))
 
@@ -242,7 +248,8 @@ def _run_chunk(
             source="edge",
             latency_ms=item.ms + share_ms,
         )
-        yield ask_server_if_unsure(edge, item.data, classifier, options.fallback, fallback, threshold)
+        pixels = None if item.pixels is None else (lambda p=item.pixels: pixel_payload(p, classifier.spec))
+        yield ask_server_if_unsure(edge, item.data, classifier, options.fallback, fallback, threshold, pixels)
 
 
 def ask_server_if_unsure(
@@ -252,8 +259,13 @@ def ask_server_if_unsure(
     mode: str,
     fallback: FallbackClient | None,
     threshold: float,
+    pixels: Callable[[], PixelPayload | None] | None = None,
 ) -> Classification:
-    """The server's answer when the edge is unsure (or always), else the edge answer, marked why."""
+    """The server's answer when the edge is unsure (or always), else the edge answer, marked why.
+
+    `pixels` makes the fitted pixels the device ran (called only when the server is asked): the
+    server gets them instead of the photo when it takes them.
+    """
     unsure = edge.score is not None and edge.score < threshold
     if mode == "never" or (mode == "auto" and not unsure):
         return edge
@@ -261,7 +273,8 @@ def ask_server_if_unsure(
         return _replace(edge, fallback="skipped: no server configured")
     started = time.perf_counter()
     try:
-        answer = fallback.predict(data, classifier.name, classifier.version, classifier.options.top_k)
+        payload = pixels() if pixels is not None and fallback.sends_pixels else None
+        answer = fallback.predict(data, classifier.name, classifier.version, classifier.options.top_k, payload)
     except FallbackUnavailableError as exc:
         return _replace(edge, fallback=f"unavailable: {exc}", latency_ms=edge.latency_ms + _ms(started))
     return Classification(
@@ -273,6 +286,13 @@ def ask_server_if_unsure(
         latency_ms=edge.latency_ms + _ms(started),
         fallback="answered",
     )
+
+
+def pixel_payload(pixels: np.ndarray, spec: PreprocessSpec) -> PixelPayload:
+    """What the fallback client sends for fitted pixels: their bytes, shape and the spec's pixel digest."""
+    from .fallback import PixelPayload
+
+    return PixelPayload.from_array(pixels, spec)
 
 
 def _replace(result: Classification, **changes: object) -> Classification:

@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._decode import DEFAULT_LIMITS, DecodeLimits, ImageSource, load_image, read_source
     from ._errors import ERROR_CODES, DecodeBusyError, InvalidImageError, PreprocessingError, SpecError
     from ._folders import DatasetError, LabeledImages, list_images, list_labeled_images, read_labels
-    from ._prepare import prepare, preprocess
+    from ._prepare import normalise, prepare, preprocess, preprocess_pixels
     from ._sniff import ACCEPTED_FORMATS, sniff_format
     from ._spec import DTYPES, FIT_POLICIES, RESIZE_FILTERS, PreprocessSpec
 
@@ -29,7 +29,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "_decode": ("DEFAULT_LIMITS", "DecodeLimits", "ImageSource", "load_image", "read_source"),
     "_errors": ("ERROR_CODES", "DecodeBusyError", "InvalidImageError", "PreprocessingError", "SpecError"),
     "_folders": ("DatasetError", "LabeledImages", "list_images", "list_labeled_images", "read_labels"),
-    "_prepare": ("prepare", "preprocess"),
+    "_prepare": ("normalise", "prepare", "preprocess", "preprocess_pixels"),
     "_sniff": ("ACCEPTED_FORMATS", "sniff_format"),
     "_spec": ("DTYPES", "FIT_POLICIES", "RESIZE_FILTERS", "PreprocessSpec"),
 }
@@ -57,8 +57,10 @@ __all__ = [
     "list_images",
     "list_labeled_images",
     "load_image",
+    "normalise",
     "prepare",
     "preprocess",
+    "preprocess_pixels",
     "read_labels",
     "read_source",
     "release_freed_memory",

@@ -60,6 +60,36 @@ def preprocess(
     )
 
 
+def preprocess_pixels(
+    source: ImageSource,
+    spec: PreprocessSpec,
+    *,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+    threads: int | None = None,
+    budget: DecodeBudget | None = DEFAULT_BUDGET,
+) -> np.ndarray:
+    """Decode and fit `source` like `preprocess`, stopping before normalisation: uint8 `spec.pixel_shape`.
+
+    `normalise(preprocess_pixels(s, spec), spec)` equals `preprocess(s, spec)` exactly; the device
+    sends these pixels to the server's full model instead of the photo.
+    """
+    draft = spec.size if spec.jpeg_draft else None
+    return decode_then(
+        source, lambda image: np.ascontiguousarray(np.asarray(_fit(image, spec)), dtype=np.uint8), limits=limits,
+        draft_size=draft, threads=threads, budget=budget, use_bytes=lambda size: _fit_bytes(size, spec),
+    )
+
+
+def normalise(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """The model input for fitted pixels (uint8, `spec.pixel_shape`): scale, mean, std, quantization."""
+    if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.shape != spec.pixel_shape:
+        raise ValueError(
+            f"normalise needs uint8 pixels of shape {spec.pixel_shape}, as preprocess_pixels returns; "
+            f"got {getattr(pixels, 'dtype', type(pixels).__name__)} {getattr(pixels, 'shape', '')}"
+        )
+    return _normalise(pixels, spec)
+
+
 def _fit_bytes(size: tuple[int, int], spec: PreprocessSpec) -> int:
     """What `_prepare_image` allocates for a picture of `size`: the resize's intermediate rows and outputs."""
     target = spec.width * spec.height

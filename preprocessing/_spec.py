@@ -6,6 +6,7 @@ training all prepare a photo the same way.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, fields
@@ -100,6 +101,22 @@ class PreprocessSpec:
         """Std in pixel units, as TFLite metadata's NormalizationOptions wants: x = (p - M) / S."""
         return tuple(s / self.scale for s in self.std)  # type: ignore[return-value]
 
+    @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        """(height, width, 3): the fitted uint8 pixels `preprocess_pixels` returns."""
+        return (self.height, self.width, 3)
+
+    def pixels_digest(self) -> str:
+        """SHA-256 (hex) of the canonical JSON of the fields that make the fitted pixels.
+
+        Covers decode and geometry only (height, width, resize, fit, pad_color, jpeg_draft, version),
+        not normalisation or dtype: a model's int8 spec and its float spec give the same pixels, so a
+        device's pixels can be checked against the server's float spec by this digest.
+        """
+        data = self.to_dict()
+        geometry = {key: data[key] for key in _PIXEL_FIELDS}
+        return hashlib.sha256(json.dumps(geometry, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
     def replace(self, **changes: Any) -> "PreprocessSpec":
         """A copy with some fields changed (and validated)."""
         return PreprocessSpec(**{**self.to_dict(), **changes})
@@ -138,6 +155,10 @@ class PreprocessSpec:
         except (ValueError, UnicodeDecodeError) as exc:
             raise SpecError(f"the preprocessing spec is not valid JSON: {exc}") from exc
         return cls.from_dict(data)
+
+
+#: The spec fields that decide the fitted pixels (before normalisation): what `pixels_digest` covers.
+_PIXEL_FIELDS = ("height", "width", "resize", "fit", "pad_color", "jpeg_draft", "version")
 
 
 def _one_of(value: Any, allowed: tuple[str, ...], name: str) -> None:

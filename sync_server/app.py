@@ -98,9 +98,10 @@ class JsonBodyLimitMiddleware:
 
 
 def _has_own_limit(scope: Scope) -> bool:
-    """Publish uploads and fallback photos are limited by their endpoints (--max-upload-bytes, --max-image-bytes)."""
+    """Publish uploads, fallback photos and pixels are limited by their endpoints (--max-upload-bytes,
+    --max-image-bytes, exactly H*W*3 for pixels)."""
     path = scope.get("path", "")
-    return scope.get("method") == "POST" and (path.rstrip("/") == "/v1/models" or path.endswith("/predict"))
+    return scope.get("method") == "POST" and (path.rstrip("/") == "/v1/models" or path.endswith(("/predict", "/predict/pixels")))
 
 
 class RequestLogMiddleware:

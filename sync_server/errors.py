@@ -9,6 +9,7 @@
     │   ├── NotFoundError              404  unknown model, version, channel, device or artifact
     │   ├── ConflictError              409  a version that exists with other content; an impossible rollout step
     │   ├── PayloadTooLargeError       413  an upload over the configured limit
+    │   ├── UnsupportedMediaTypeError  415  a body in a content type the endpoint does not take
     │   ├── RangeNotSatisfiableError   416  a download range outside the file
     │   ├── BundleRejectedError        422  a bundle or SavedModel that does not verify
     │   └── InvalidPhotoError          422  (400/413 by code) a photo `preprocessing` refuses
@@ -99,6 +100,13 @@ class PayloadTooLargeError(RequestError):
 
     status = 413
     default_code = "too_large"
+
+
+class UnsupportedMediaTypeError(RequestError):
+    """Raised when a body's Content-Type is not the one the endpoint reads (415)."""
+
+    status = 415
+    default_code = "unsupported_media_type"
 
 
 class RangeNotSatisfiableError(RequestError):

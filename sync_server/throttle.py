@@ -1,6 +1,6 @@
 """Request throttling: a token bucket per credential for predictions, reports and enrolment.
 
-    predict   POST /v1/models/{name}/predict                 per device token
+    predict   POST /v1/models/{name}/predict[/pixels]        per device token (one bucket for both)
     reports   POST /v1/devices/{id}/status and /telemetry    per device token
     enroll    POST /v1/devices/enroll                        per enrolment credential
 
@@ -80,6 +80,7 @@ class _Rule:
 
 _RULES = (
     _Rule("predict", "POST", re.compile(r"^/v1/models/[^/]+/predict/?$"), "/v1/models/{name}/predict"),
+    _Rule("predict", "POST", re.compile(r"^/v1/models/[^/]+/predict/pixels/?$"), "/v1/models/{name}/predict/pixels"),
     _Rule("reports", "POST", re.compile(r"^/v1/devices/[^/]+/status/?$"), "/v1/devices/{device_id}/status"),
     _Rule("reports", "POST", re.compile(r"^/v1/devices/[^/]+/telemetry/?$"), "/v1/devices/{device_id}/telemetry"),
     _Rule("enroll", "POST", re.compile(r"^/v1/devices/enroll/?$"), "/v1/devices/enroll"),

@@ -27,10 +27,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 from typing import Any, Callable
 
-from preprocessing import DecodeBusyError, InvalidImageError
+from preprocessing import DecodeBusyError, InvalidImageError, PreprocessSpec, preprocess_pixels
 
 from ..fallback import FallbackClient
-from ..pipeline import ask_server_if_unsure
+from ..pipeline import ask_server_if_unsure, pixel_payload
 from ..results import Classification
 from ..store import ModelRef
 from .options import AgentOptions
@@ -71,6 +71,7 @@ class Classify:
                 )
                 return 503, Classification(path, error={"code": code, "message": message})
             ref, threshold = servable.ref, servable.threshold
+            spec = getattr(getattr(servable, "classifier", None), "spec", None)  # for the pixels the server gets
             try:
                 categories, _ = servable.classify(data, top_k)
             except DecodeBusyError as exc:  # other photos hold the decode budget: not the model's fault
@@ -87,16 +88,25 @@ class Classify:
                 return 500, Classification(path, model_name=ref.name, model_version=ref.version, latency_ms=ms,
                                            error={"code": "model_error", "message": f"{ref} failed: {exc}"})
         edge = Classification(path, categories, ref.name, ref.version, "edge", _ms(started))
-        result = self._maybe_ask_server(edge, data, ref, top_k, mode, threshold)
+        result = self._maybe_ask_server(edge, data, ref, top_k, mode, threshold, spec)
         self.health(ref, error=False)
         asked = result.fallback is not None and not result.fallback.startswith("skipped")
         self.record(ref.version, edge.score, result.latency_ms, fallback=asked)
         return 200, result
 
-    def _maybe_ask_server(self, edge: Classification, data: bytes, ref: ModelRef, top_k: int, mode: str, threshold: float) -> Classification:
+    def _maybe_ask_server(self, edge: Classification, data: bytes, ref: ModelRef, top_k: int, mode: str, threshold: float,
+                          spec: PreprocessSpec | None = None) -> Classification:
         threshold = self.options.fallback_threshold if self.options.fallback_threshold is not None else threshold
         asked_as = SimpleNamespace(name=ref.name, version=ref.version, options=SimpleNamespace(top_k=top_k))
-        return ask_server_if_unsure(edge, data, asked_as, mode, self.fallback, threshold)  # type: ignore[arg-type]
+
+        def pixels():  # type: ignore[no-untyped-def]  # only when the server is asked: the same decode and fit again
+            try:
+                return pixel_payload(preprocess_pixels(data, spec), spec)  # type: ignore[arg-type]
+            except (DecodeBusyError, InvalidImageError):  # no room to decode again now: the photo goes instead
+                return None
+
+        return ask_server_if_unsure(edge, data, asked_as, mode, self.fallback, threshold,  # type: ignore[arg-type]
+                                    pixels if spec is not None else None)
 
 
 class LocalApi:

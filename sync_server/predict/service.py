@@ -19,7 +19,7 @@ from typing import Callable
 import anyio
 import numpy as np
 
-from preprocessing import DecodeBudget, DecodeBusyError, DecodeLimits, InvalidImageError, preprocess
+from preprocessing import DecodeBudget, DecodeBusyError, DecodeLimits, InvalidImageError, PreprocessSpec, normalise, preprocess
 
 from ..config import BatchingOptions, UploadLimits
 from ..errors import BackendUnavailableError, InvalidPhotoError, ServerBusyError
@@ -97,6 +97,16 @@ class PredictionService:
                 code="deadline_exceeded",
             ) from None
 
+    async def version_spec(self, name: str, version: int) -> PreprocessSpec:
+        """The version's float spec: pixels for `predict_pixels` must be fitted with its geometry."""
+        info = self._cached_info(name, version) or await anyio.to_thread.run_sync(self._version_info, name, version)
+        return info.float_spec  # type: ignore[attr-defined]
+
+    async def predict_pixels(self, name: str, version: int, pixels: np.ndarray, top_k: int) -> Prediction:
+        """The top-k for a device's fitted uint8 pixels (`version_spec(...).pixel_shape`, digest checked by
+        the caller): normalised with the float spec, no decode, then the same batcher and deadline as photos."""
+        return await self.predict(name, version, pixels, top_k)  # type: ignore[arg-type]
+
     async def _predict(self, name: str, version: int, photo: bytes, top_k: int, deadline: float) -> Prediction:
         started = time.perf_counter()
         info = self._cached_info(name, version) or await anyio.to_thread.run_sync(self._version_info, name, version)
@@ -121,6 +131,8 @@ class PredictionService:
         return Prediction(name, version, top, (time.perf_counter() - started) * 1000.0)
 
     def _prepare(self, photo: bytes, spec) -> np.ndarray:  # type: ignore[no-untyped-def]
+        if isinstance(photo, np.ndarray):  # a device's fitted pixels (predict_pixels): normalise only
+            return normalise(photo, spec)
         try:
             return preprocess(photo, spec, limits=self._decode_limits, budget=self.decode_budget)
         except InvalidImageError as exc:
