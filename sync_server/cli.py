@@ -170,7 +170,7 @@ def _publish_local(args: argparse.Namespace, config: ServerConfig) -> tuple[dict
         if args.channel:
             result["channel"] = services.rollouts.set_version(outcome.name, args.channel, outcome.version)
             channel = args.channel
-            if not config.tf_serving.url:  # nothing to wait for: write the TF Serving config now
+            if not config.uses_tf_serving:  # no TF Serving to wait for: write the TF Serving config now
                 asyncio.run(services.reconciler.reconcile())
         return result, outcome.created, channel
     finally:

@@ -16,6 +16,8 @@ from typing import Any, Callable, Mapping
 from .errors import ConfigError
 
 ENV_PREFIX = "SYNC_SERVER_"
+#: The backends' protocols (`--backend-protocol`); the first is the default.
+BACKEND_PROTOCOLS = ("tf-serving-rest", "tf-serving-grpc", "oip")
 DATA_DIR_ENV = ENV_PREFIX + "DATA_DIR"
 
 MiB = 1 << 20
@@ -62,9 +64,14 @@ class UploadLimits:
 
 @dataclass(frozen=True)
 class TFServingOptions:
-    """Where TF Serving runs and how to talk to it. Without `url` the embedded predictor answers."""
+    """Where the full-model backend runs and how to talk to it. Without `url` the embedded predictor answers.
+
+    `protocol` is how: TF Serving's REST API (`http://host:8501`), TF Serving's gRPC API
+    (`grpc://host:8500` or `host:8500`) or the Open Inference Protocol (`http://host:8080`).
+    """
 
     url: str | None = None
+    protocol: str = "tf-serving-rest"  # one of BACKEND_PROTOCOLS
     base_path: str | None = None  # the model repository as TF Serving sees it (default: our local path)
     timeout_s: float = 10.0  # one predict call
     connect_timeout_s: float = 1.0
@@ -166,6 +173,11 @@ class ServerConfig:
         return self.predict_deadline_s or self.tf_serving.timeout_s
 
     @property
+    def uses_tf_serving(self) -> bool:
+        """True when a TF Serving (REST or gRPC) answers: it loads versions from the config file we write."""
+        return bool(self.tf_serving.url) and self.tf_serving.protocol.startswith("tf-serving")
+
+    @property
     def artifacts_dir(self) -> Path:
         return self.data_dir / "artifacts"
 
@@ -190,14 +202,18 @@ class ServerConfig:
         environ = os.environ if environ is None else environ
         flags = flags or {}
         values: dict[str, Any] = {}
+        given: dict[str, str] = {}  # setting name -> the variable that set it (two settings may share a name)
         for setting in SETTINGS:
             if flags.get(setting.name) is not None:
                 values[setting.name] = flags[setting.name]
             elif setting.env in environ and environ[setting.env] != "":
                 try:
-                    values[setting.name] = setting.parse(environ[setting.env])
+                    value = setting.parse(environ[setting.env])
                 except (ValueError, TypeError) as exc:
                     raise ConfigError(f"{setting.env}={environ[setting.env]!r}: {exc}") from None
+                if setting.name in given and values[setting.name] != value:
+                    raise ConfigError(f"{given[setting.name]} and {setting.env} disagree; set one of them")
+                values[setting.name], given[setting.name] = value, setting.env
         return build_config(values)
 
     def with_secrets(self) -> "ServerConfig":
@@ -253,7 +269,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("admin_token_file", "--admin-token-file", Path, "file holding the admin token", "FILE"),
     Setting("enrollment_secret", "--enrollment-secret", str, "a fleet-wide secret devices may enrol with (default: none; devices enrol with tokens from 'sync-server enrollment-token create')", "SECRET"),
     Setting("publisher_keys", "--publisher-keys", _paths, f"trusted Ed25519 public key files, separated by '{os.pathsep}' (plus every file in DATA/trusted-keys/)", "PATHS"),
-    Setting("tf_serving.url", "--tf-serving-url", str, "TF Serving REST address, e.g. http://tf-serving:8501 (default: embedded predictor)", "URL"),
+    Setting("tf_serving.url", "--tf-serving-url", str, "TF Serving REST address, e.g. http://tf-serving:8501 (default: embedded predictor; same as --backend-url)", "URL"),
+    Setting("tf_serving.url", "--backend-url", str, "the full-model backend's address: http://tf-serving:8501 (REST, OIP) or grpc://tf-serving:8500 (default: embedded predictor)", "URL"),
+    Setting("tf_serving.protocol", "--backend-protocol", str, "how to talk to --backend-url: tf-serving-rest, tf-serving-grpc or oip (default tf-serving-rest)", "PROTOCOL"),
     Setting("tf_serving.base_path", "--tf-serving-base-path", str, "the model repository's path as TF Serving sees it (default: the local path)", "PATH"),
     Setting("tf_serving.timeout_s", "--tf-serving-timeout", float, "seconds one TF Serving predict call may take (default 10)", "S"),
     Setting("tf_serving.retries", "--tf-serving-retries", int, "retries after a connection error (default 2)", "N"),
@@ -348,7 +366,14 @@ def _check(config: ServerConfig) -> None:
     positive(config.throttle.max_tracked, "the number of throttled credentials tracked")
     if not 0 <= config.rollout.failure_threshold <= 1:
         raise ConfigError(f"the rollout failure threshold must be 0..1, got {config.rollout.failure_threshold}")
-    if config.tf_serving.url is not None and not config.tf_serving.url.startswith(("http://", "https://")):
+    if config.tf_serving.protocol not in BACKEND_PROTOCOLS:
+        raise ConfigError(f"the backend protocol must be one of {', '.join(BACKEND_PROTOCOLS)}, got {config.tf_serving.protocol!r}")
+    if config.tf_serving.protocol == "tf-serving-grpc":
+        if config.tf_serving.url is not None:
+            from .predict.tf_serving_grpc import grpc_target
+
+            grpc_target(config.tf_serving.url)  # ConfigError naming the address when it is not host:port
+    elif config.tf_serving.url is not None and not config.tf_serving.url.startswith(("http://", "https://")):
         raise ConfigError(f"the TF Serving URL must start with http:// or https://, got {config.tf_serving.url!r}")
     if config.log_format not in ("json", "text"):
         raise ConfigError(f"the log format must be json or text, got {config.log_format!r}")

@@ -83,7 +83,8 @@ class Services:
         reconciler = ServingReconciler(
             rollouts.desired_serving,
             repository,
-            model_status=predictor.model_status if (predictor is not None and config.tf_serving.url) else None,
+            # TF Serving (REST or gRPC) loads versions from the config file we write; wait for its status.
+            model_status=predictor.model_status if (predictor is not None and config.uses_tf_serving) else None,
             load_timeout_s=config.tf_serving.load_timeout_s,
             poll_s=config.tf_serving.status_poll_s,
             watch_s=config.tf_serving.watch_s,
@@ -140,6 +141,7 @@ class Services:
                 "database": self.db.safe_url,
                 "backend": self.predictor.kind if self.predictor else None,
                 "tf_serving_url": self.config.tf_serving.url,
+                "backend_protocol": self.config.tf_serving.protocol if self.config.tf_serving.url else None,
                 "tf_serving_config": str(self.repository.config_path),
                 "trusted_keys": len(self.registry.keys),
             },

@@ -25,6 +25,12 @@ slow or overloaded TF Serving; it can be changed while running), `stop()` / `sta
 (keeping what was loaded, like a network outage), `restart()` is a new process on the same port
 (nothing loaded; the config file read again and refused while a label names a version not loaded),
 and `predict_batches` records the batch size of every predict call.
+
+With `grpc=True` it also serves TF Serving's gRPC API on a second port (`grpc_url`), through the real
+protos' servicers (`tensorflow_serving.apis`): PredictionService.Predict and GetModelMetadata, and
+ModelService.GetModelStatus, over the same loaded SavedModels, with TF Serving's status codes
+(NOT_FOUND, INVALID_ARGUMENT ...) and its default of answering with `float_val`. `grpc_request_bytes`
+records the serialized size of every PredictRequest.
 """
 
 from __future__ import annotations
@@ -314,8 +320,14 @@ class TFServingStandin:
         allow_unavailable_labels: bool = False,
         port: int = 0,
         predict_delay_s: float = 0.0,
+        grpc: bool = False,
+        grpc_port: int = 0,
     ) -> None:
         self.config_file = Path(config_file) if config_file else None
+        self.grpc = grpc
+        self._grpc_port = grpc_port
+        self._grpc_server: Any = None
+        self.grpc_request_bytes: list[int] = []
         self.predict_delay_s = predict_delay_s
         self.poll_s = poll_s
         self.manager = ModelManager(load_delay_s, allow_unavailable_labels)
@@ -331,6 +343,10 @@ class TFServingStandin:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self._port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"grpc://127.0.0.1:{self._grpc_port}"
 
     def __enter__(self) -> "TFServingStandin":
         self.start()
@@ -386,6 +402,9 @@ class TFServingStandin:
         serve = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         serve.start()
         self._threads = [serve]
+        if self.grpc:
+            self._grpc_server = _grpc_server(self, self._grpc_port)
+            self._grpc_port = self._grpc_server.port
         if self.config_file is not None:
             self._poll_config()
             poller = threading.Thread(target=self._poll_loop, daemon=True)
@@ -405,6 +424,9 @@ class TFServingStandin:
         import socket
 
         self._stop.set()
+        if self._grpc_server is not None:
+            self._grpc_server.stop(0).wait(5)
+            self._grpc_server = None
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -536,3 +558,120 @@ class TFServingStandin:
 def _tensor_info(spec: Any) -> dict[str, Any]:
     dims = [{"size": str(-1 if d is None else d), "name": ""} for d in spec.shape.as_list()]
     return {"dtype": f"DT_{spec.dtype.name.upper()}", "tensor_shape": {"dim": dims, "unknown_rank": False}, "name": spec.name or ""}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The gRPC server (TF Serving's tensorflow.serving.PredictionService and ModelService)
+# ----------------------------------------------------------------------------------------------------------
+
+_GRPC_CODES = {404: "NOT_FOUND", 400: "INVALID_ARGUMENT", 503: "UNAVAILABLE"}
+
+
+def _grpc_server(standin: TFServingStandin, port: int) -> Any:
+    """A started grpc.Server on 127.0.0.1:`port` (0: any) answering from `standin`'s models; `.port` is set."""
+    import concurrent.futures
+
+    import grpc
+    import tensorflow as tf
+    from tensorflow.core.protobuf import meta_graph_pb2
+    from tensorflow_serving.apis import (
+        get_model_metadata_pb2,
+        get_model_status_pb2,
+        model_service_pb2_grpc,
+        predict_pb2,
+        prediction_service_pb2_grpc,
+    )
+
+    def spec_of(model_spec: Any) -> tuple[str, int | None, str | None]:
+        which = model_spec.WhichOneof("version_choice")
+        version = int(model_spec.version.value) if which == "version" else None
+        label = model_spec.version_label if which == "version_label" else None
+        return model_spec.name, version, label
+
+    def abort(context: Any, exc: StandinError) -> None:
+        context.abort(getattr(grpc.StatusCode, _GRPC_CODES.get(exc.status, "UNKNOWN")), exc.message)
+
+    class Prediction(prediction_service_pb2_grpc.PredictionServiceServicer):
+        def Predict(self, request: Any, context: Any) -> Any:  # noqa: N802
+            standin.grpc_request_bytes.append(request.ByteSize())
+            standin.requests.append(f"gRPC Predict {request.model_spec.name}")
+            if standin.predict_delay_s:
+                time.sleep(standin.predict_delay_s)
+            try:
+                servable = standin.manager.servable(*spec_of(request.model_spec))
+                signature = request.model_spec.signature_name or "serving_default"
+                fn = servable.signatures.get(signature)
+                if fn is None:
+                    raise StandinError(400, f'Serving signature name: "{signature}" not found in signature def')
+                (input_name, spec), = fn.structured_input_signature[1].items()
+                if set(request.inputs) != {input_name}:
+                    raise StandinError(400, f"input tensor alias not found in signature: {sorted(request.inputs)}; expected {input_name}")
+                proto = request.inputs[input_name]
+                if proto.dtype != spec.dtype.as_datatype_enum:
+                    raise StandinError(400, f"Expects arg[0] to be {spec.dtype.name} but {tf.dtypes.as_dtype(proto.dtype).name} is provided")
+                array = tf.make_ndarray(proto)
+                expected = spec.shape.as_list()
+                if array.ndim != len(expected) or any(e is not None and e != a for e, a in zip(expected, array.shape)):
+                    raise StandinError(400, f"shape mismatch: expected {expected}, got {list(array.shape)}")
+            except StandinError as exc:
+                abort(context, exc)
+            standin.predict_batches.append(int(array.shape[0]))
+            outputs = fn(**{input_name: tf.constant(array)})
+            response = predict_pb2.PredictResponse()
+            response.model_spec.name = request.model_spec.name
+            response.model_spec.version.value = servable.version
+            response.model_spec.signature_name = signature
+            for key, value in outputs.items():
+                result = value.numpy()
+                tensor = response.outputs[key]
+                tensor.dtype = value.dtype.as_datatype_enum
+                tensor.tensor_shape.CopyFrom(tf.TensorShape(result.shape).as_proto())
+                tensor.float_val.extend(result.astype(np.float32).ravel().tolist())  # TF Serving's default: the typed field
+            return response
+
+        def GetModelMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
+            if list(request.metadata_field) != ["signature_def"]:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Metadata field signature_def is the only one supported")
+            try:
+                servable = standin.manager.servable(*spec_of(request.model_spec))
+            except StandinError as exc:
+                abort(context, exc)
+            defs = get_model_metadata_pb2.SignatureDefMap()
+            for key, fn in servable.signatures.items():
+                sig = meta_graph_pb2.SignatureDef(method_name="tensorflow/serving/predict")
+                for name, spec in fn.structured_input_signature[1].items():
+                    sig.inputs[name].CopyFrom(meta_graph_pb2.TensorInfo(name=spec.name or name, dtype=spec.dtype.as_datatype_enum, tensor_shape=spec.shape.as_proto()))
+                for name, spec in fn.structured_outputs.items():
+                    sig.outputs[name].CopyFrom(meta_graph_pb2.TensorInfo(name=spec.name or name, dtype=spec.dtype.as_datatype_enum, tensor_shape=spec.shape.as_proto()))
+                defs.signature_def[key].CopyFrom(sig)
+            response = get_model_metadata_pb2.GetModelMetadataResponse()
+            response.model_spec.name = request.model_spec.name
+            response.model_spec.version.value = servable.version
+            response.metadata["signature_def"].Pack(defs)
+            return response
+
+    class Models(model_service_pb2_grpc.ModelServiceServicer):
+        def GetModelStatus(self, request: Any, context: Any) -> Any:  # noqa: N802
+            try:
+                status = standin.manager.status(*spec_of(request.model_spec))
+            except StandinError as exc:
+                abort(context, exc)
+            response = get_model_status_pb2.GetModelStatusResponse()
+            for item in status["model_version_status"]:
+                entry = response.model_version_status.add()
+                entry.version = int(item["version"])
+                entry.state = get_model_status_pb2.ModelVersionStatus.State.Value(item["state"])
+                entry.status.error_message = item["status"]["error_message"] or ""
+            return response
+
+    server = grpc.server(
+        concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="standin-grpc"),
+        options=[("grpc.max_receive_message_length", -1), ("grpc.so_reuseport", 0)],
+    )
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Prediction(), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(Models(), server)
+    server.port = server.add_insecure_port(f"127.0.0.1:{port}")
+    if server.port == 0:
+        raise OSError(f"the gRPC stand-in could not bind 127.0.0.1:{port}")
+    server.start()
+    return server

@@ -2,6 +2,7 @@
 
     base.Predictor          predict(name, version, batch) -> probabilities; model_status; ready; aclose
     tf_serving.py           TFServingClient (REST predict + model status) and TFServingPredictor
+    tf_serving_grpc.py      TFServingGrpcClient (gRPC Predict with tensor_content + ModelService) and its predictor
     embedded.py             EmbeddedPredictor: SavedModels in-process (imports TensorFlow; loaded lazily)
     batching.py             Batcher: concurrent requests -> batches (max size, max wait), per version
     service.py              PredictionService: photo bytes -> preprocess -> batch -> top-k
@@ -18,11 +19,24 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def make_predictor(config: "ServerConfig", repository: "ServingRepository") -> "Predictor":
-    """TF Serving when `config.tf_serving.url` is set, else the embedded SavedModel predictor."""
-    if config.tf_serving.url:
+    """The backend at `config.tf_serving.url` in its `protocol`, else the embedded SavedModel predictor."""
+    options = config.tf_serving
+    if options.url and options.protocol == "tf-serving-grpc":
+        from .tf_serving_grpc import TFServingGrpcClient, TFServingGrpcPredictor
+
+        return TFServingGrpcPredictor(TFServingGrpcClient(options))
+    if options.url and options.protocol == "oip":
+        try:
+            from .oip import OIPPredictor
+        except ImportError as exc:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"the oip backend protocol is not available in this installation ({exc})") from exc
+        return OIPPredictor(options)
+    if options.url:
         from .tf_serving import TFServingClient, TFServingPredictor
 
-        return TFServingPredictor(TFServingClient(config.tf_serving))
+        return TFServingPredictor(TFServingClient(options))
     from .embedded import EmbeddedPredictor
 
     return EmbeddedPredictor(repository, max_loaded=config.embedded_max_loaded)
