@@ -31,7 +31,7 @@ from sync_server.errors import BackendFailedError, BackendUnavailableError
 from sync_server.predict.embedded import EmbeddedPredictor
 from sync_server.predict.oip import HEADER, OIPPredictor, decode_infer_response
 from sync_server.serving_repo import ServingRepository
-from tests.server_fixtures import MODEL, photo_bytes, publisher  # noqa: F401
+from tests.server_fixtures import MODEL, photo_bytes, publisher, running_server, server_config  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 OIP_VENV = ROOT / ".venv-oip"
@@ -208,40 +208,56 @@ def test_bytes_on_the_wire_per_photo(served, size, record_property):
     print(f"OIP binary request body, {size}x{size}: FP32 {fp32_bytes} B, UINT8 {uint8_bytes} B")
 
 
-def test_a_version_kserve_has_not_loaded_is_a_clear_503_and_versioned_paths_are_named(served):
+def test_a_version_kserve_has_not_loaded_is_a_clear_503_and_versioned_paths_are_named(served, publisher):  # noqa: F811
     server, _, spec = served
     x = np.zeros((1, spec.height, spec.width, 3), np.float32)
     with pytest.raises(BackendUnavailableError) as missing:
         _run(_with(OIPPredictor(_options(server.url), version_in="name"), lambda p: p.predict(MODEL, 9, x)))
     assert missing.value.code == "version_not_loaded" and missing.value.headers["Retry-After"] == "7"
     assert f"version 9 of model {MODEL}" in str(missing.value) and f"{MODEL}-9 does not exist" in str(missing.value)
-    # KServe's ModelServer answers versioned paths with 501: the error says what to set instead.
+    # KServe's ModelServer answers versioned paths with 501: asked by path only, the error says what to set ...
     with pytest.raises(BackendFailedError, match="versioning not supported.*version_in='name'"):
-        _run(_with(OIPPredictor(_options(server.url)), lambda p: p.predict(MODEL, 1, x)))
+        _run(_with(OIPPredictor(_options(server.url), version_in="path"), lambda p: p.predict(MODEL, 1, x)))
+    # ... and the default ("auto") moves to versions in names by itself.
+    auto = OIPPredictor(_options(server.url))
+    assert _run(_with(auto, lambda p: p.predict(MODEL, 1, x))).shape == (1, len(publisher.labels))
+    assert auto.version_in == "name"
 
 
-def test_a_stopped_kserve_means_503_with_retry_after(publisher, tmp_path):  # noqa: F811
-    spec = PreprocessSpec.from_json((publisher.saved_model / "preprocess_spec.json").read_text())
+def test_a_sync_server_with_backend_protocol_oip_answers_through_kserve_and_says_503_when_it_stops(publisher, demo_dataset, tmp_path):  # noqa: F811
     server = KServe({f"{MODEL}-1": str(publisher.saved_model)}, tmp_path / "kserve.log")
-    x = np.zeros((1, spec.height, spec.width, 3), np.float32)
-    predictor = OIPPredictor(_options(server.url), version_in="name")
-
-    async def story():
-        assert (await predictor.predict(MODEL, 1, x)).shape == (1, len(publisher.labels))
-        server.stop()
-        started = time.monotonic()
-        with pytest.raises(BackendUnavailableError) as down:
-            await predictor.predict(MODEL, 1, x)
-        took = time.monotonic() - started
-        return down.value, took, await predictor.ready()
-
     try:
-        error, took, ready = _run(_with(predictor, lambda p: story()))
+        options = TFServingOptions(url=server.url, protocol="oip", retries=2, retry_backoff_s=0.01, retry_after_s=7)
+        with running_server(server_config(tmp_path / "data", None, publisher, tf_serving=options)) as sync:
+            up = sync.client.get("/readyz")
+            assert up.status_code == 200 and up.json()["backend"] == "oip", up.text
+            sync.publish_ok(publisher, 1, channel="stable")
+            device = sync.enroll()
+            photo = photo_bytes(demo_dataset, "sneaker")
+            answer = device.predict(photo, top_k=len(publisher.labels))
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["model"] == {"name": MODEL, "version": 1}
+            spec = PreprocessSpec.from_json((publisher.saved_model / "preprocess_spec.json").read_text())
+            embedded = _run(_with(EmbeddedPredictor(_repo_with(tmp_path / "repo", publisher.saved_model)), lambda p: p.predict(MODEL, 1, preprocess(photo, spec)[None])))
+            scores = {c["label"]: c["score"] for c in answer.json()["top_k"]}
+            assert np.allclose([scores[label] for label in publisher.labels], embedded[0], atol=1e-5)
+
+            server.stop()  # a real kill: nothing listens on the port any more
+            started = time.monotonic()
+            down = device.predict(photo)
+            assert down.status_code == 503, down.text
+            assert down.headers["retry-after"] == "7" and time.monotonic() - started < 3
+            assert "unreachable" in down.text
+            ready = sync.client.get("/readyz")
+            assert ready.status_code == 503 and "unreachable" in ready.text
     finally:
         server.stop()
-    assert error.status == 503 and error.headers["Retry-After"] == "7"
-    assert "unreachable" in str(error) and took < 2, "connection errors are retried briefly, then refused"
-    assert ready is not None and "unreachable" in ready
+
+
+def _repo_with(root: Path, saved_model: Path) -> ServingRepository:
+    repo = ServingRepository(root)
+    shutil.copytree(saved_model, repo.path_of(MODEL, 1))
+    return repo
 
 
 def test_hostile_answers_are_refused_with_the_reason():

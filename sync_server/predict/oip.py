@@ -12,8 +12,10 @@ A 96x96 float photo is 110 kB on the wire instead of TF Serving REST's 325 kB of
 input (a model that normalises itself) is a quarter of that.
 
 Versions: the protocol puts them in the path (`version_in="path"`, Triton, MLServer, OVMS). KServe's
-Python ModelServer (0.21) answers every versioned path with an error, so there each version is served as
-a model of its own, named by `name_template` (`version_in="name"`, default `"{name}-{version}"`).
+Python ModelServer (0.21) answers every versioned path with 501 "Model versioning not supported yet", so
+there each version is served as a model of its own, named by `name_template` (`version_in="name"`,
+default `"{name}-{version}"`). The default, `"auto"`, asks by path and moves to names for good the first
+time the server answers a versioned metadata or readiness request with 501.
 
 Failures are those of the TF Serving client: only connection errors are retried, within the call's time;
 unreachable, timed out, overloaded or not loaded is `BackendUnavailableError` (503, Retry-After), any other
@@ -84,14 +86,14 @@ class OIPPredictor:
         self,
         options: BackendOptions,
         *,
-        version_in: Literal["path", "name"] = "path",
+        version_in: Literal["auto", "path", "name"] = "auto",
         name_template: str = "{name}-{version}",
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if not options.url:
             raise ValueError("OIPPredictor needs options.url")
-        if version_in not in ("path", "name"):
-            raise ValueError(f"version_in must be 'path' or 'name', got {version_in!r}")
+        if version_in not in ("auto", "path", "name"):
+            raise ValueError(f"version_in must be 'auto', 'path' or 'name', got {version_in!r}")
         self.options = options
         self.url = options.url.rstrip("/")
         self.version_in = version_in
@@ -144,7 +146,7 @@ class OIPPredictor:
         if found is not None:
             return found
         deadline = asyncio.get_running_loop().time() + self._budget(timeout_s)
-        response, content = await self._send("GET", self._path(name, version), deadline=deadline, limit=MAX_SMALL_RESPONSE_BYTES)
+        response, content = await self._get_versioned(self._path(name, version), "", name, version, deadline)
         if response.status_code != 200:
             raise self._error(response.status_code, content, what=_servable(name, version))
         try:
@@ -157,7 +159,7 @@ class OIPPredictor:
     async def version_ready(self, name: str, version: int) -> bool:
         """Whether the server says that version is ready (`GET .../ready` answers 200)."""
         deadline = asyncio.get_running_loop().time() + self._budget(None)
-        response, _ = await self._send("GET", self._path(name, version) + "/ready", deadline=deadline, limit=MAX_SMALL_RESPONSE_BYTES)
+        response, _ = await self._get_versioned(self._path(name, version), "/ready", name, version, deadline)
         return response.status_code == 200
 
     async def model_status(self, name: str, versions: tuple[int, ...] = ()) -> dict[int, str]:
@@ -183,6 +185,18 @@ class OIPPredictor:
         await self._http.aclose()
 
     # --- internals ------------------------------------------------------------------------------
+
+    async def _get_versioned(self, path: str, suffix: str, name: str, version: int, deadline: float) -> tuple[httpx.Response, bytes]:
+        """GET path+suffix; in "auto", a 501 to a versioned path moves this predictor to versions in names."""
+        response, content = await self._send("GET", path + suffix, deadline=deadline, limit=MAX_SMALL_RESPONSE_BYTES)
+        if response.status_code == 501 and self.version_in == "auto":
+            self.version_in = "name"
+            log.warning(
+                "the OIP server has no versions in its paths; asking for each version as a model named %s",
+                self.name_template, extra={"model": name, "version": version},
+            )  # fmt: skip
+            response, content = await self._send("GET", self._path(name, version) + suffix, deadline=deadline, limit=MAX_SMALL_RESPONSE_BYTES)
+        return response, content
 
     def _path(self, name: str, version: int) -> str:
         if self.version_in == "name":
@@ -249,7 +263,7 @@ class OIPPredictor:
         if status in (405, 501) or "versioning not supported" in message.lower():
             return BackendFailedError(
                 f"the OIP server refused {what}: {message} (a server without versions in the path, such as KServe's "
-                f"ModelServer, serves each version as a model of its own: version_in='name')"
+                f"ModelServer, serves each version as a model of its own: version_in='name' or 'auto')"
             )
         return BackendFailedError(f"the OIP server refused {what}: {message}")
 
