@@ -254,3 +254,28 @@ def test_bytes_on_the_wire_per_request_are_the_raw_tensor(publisher, demo_datase
         json_bytes = len(encode_float_tensor(x)) + len('{"instances":}')
         print(f"demo photo ({x.shape[1]}x{x.shape[2]}): gRPC {tfs.grpc_request_bytes[0]} B, REST JSON {json_bytes} B")
         assert tfs.grpc_request_bytes[0] < json_bytes / 2
+
+
+def test_the_grpc_client_starts_without_loading_tensorflow_and_tensorflow_still_loads_after_it():
+    """The server's process does not run the model: building requests needs the protos, not TensorFlow."""
+    import subprocess
+    import sys
+
+    script = """
+import sys, time
+started = time.monotonic()
+import numpy as np
+from sync_server.config import TFServingOptions
+from sync_server.predict.tf_serving_grpc import TFServingGrpcClient, encode_tensor
+TFServingGrpcClient(TFServingOptions(url="grpc://127.0.0.1:1", protocol="tf-serving-grpc"))
+proto = encode_tensor(np.full((1, 2, 2, 3), 7, np.uint8))
+print("tensorflow loaded:", "tensorflow.python" in sys.modules, "in", round(time.monotonic() - started, 2), "s")
+import tensorflow as tf
+from tensorflow.core.framework import tensor_pb2
+assert type(proto) is tensor_pb2.TensorProto, "one TensorProto class for both"
+assert tf.make_ndarray(proto).tolist() == np.full((1, 2, 2, 3), 7, np.uint8).tolist()
+print("tensorflow after: ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "tensorflow loaded: False" in done.stdout and "tensorflow after: ok" in done.stdout, done.stdout

@@ -12,16 +12,19 @@ reached, times out or has not loaded the version is `BackendUnavailableError` (5
 any other refusal `BackendFailedError` (502). Answers larger than `max_receive_bytes` are refused by
 gRPC itself before they are read into memory.
 
-The protos come from the `tensorflow-serving-api` package; they live under the `tensorflow` package,
-so importing them imports TensorFlow once (a few seconds, at the first call); no TensorFlow function
-is used to build or read the tensors.
+The protos come from the `tensorflow-serving-api` package. They live under the `tensorflow` package but
+are loaded without running TensorFlow (`_import_protos_without_tensorflow`), when the client is built;
+no TensorFlow function builds or reads the tensors.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import importlib.util
 import logging
+import sys
+import types
 from typing import Any
 
 import numpy as np
@@ -68,20 +71,17 @@ def grpc_target(url: str) -> str:
 
 @functools.cache
 def _protos() -> Any:
-    """The tensorflow-serving-api modules (imported on first use: they import TensorFlow's protos)."""
+    """The tensorflow-serving-api modules, imported once, without TensorFlow itself when it is not loaded yet."""
     try:
-        from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2
-        from tensorflow_serving.apis import (
-            get_model_metadata_pb2,
-            get_model_status_pb2,
-            model_service_pb2_grpc,
-            predict_pb2,
-            prediction_service_pb2_grpc,
-        )
+        if "tensorflow" in sys.modules:  # loaded (or loading): the ordinary import
+            tensor_pb2, tensor_shape_pb2, apis = _import_protos()
+        else:
+            tensor_pb2, tensor_shape_pb2, apis = _import_protos_without_tensorflow()
     except ImportError as exc:  # pragma: no cover - the server extra installs it
         raise ConfigError(
-            "the tf-serving-grpc backend needs the tensorflow-serving-api package (pip install 'edge-classify[server]')"
+            f"the tf-serving-grpc backend needs the tensorflow-serving-api package (pip install 'edge-classify[server]'): {exc}"
         ) from exc
+    get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc = apis
 
     class P:  # a namespace
         pass
@@ -92,6 +92,42 @@ def _protos() -> Any:
     p.PredictionServiceStub = prediction_service_pb2_grpc.PredictionServiceStub
     p.ModelServiceStub = model_service_pb2_grpc.ModelServiceStub
     return p
+
+
+def _import_protos() -> tuple[Any, Any, tuple[Any, ...]]:
+    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2
+    from tensorflow_serving.apis import (
+        get_model_metadata_pb2,
+        get_model_status_pb2,
+        model_service_pb2_grpc,
+        predict_pb2,
+        prediction_service_pb2_grpc,
+    )
+
+    return tensor_pb2, tensor_shape_pb2, (
+        get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc
+    )
+
+
+def _import_protos_without_tensorflow() -> tuple[Any, Any, tuple[Any, ...]]:
+    """The generated `*_pb2` modules under `tensorflow/core/` need only protobuf, but importing them runs
+    `tensorflow/__init__.py` (all of TensorFlow: 2.5 s and hundreds of MB here, for a server whose model runs in
+    TF Serving). So the package is stood in for while they load (0.15 s), and every `tensorflow.*` entry
+    is taken out of `sys.modules` again: a later `import tensorflow` loads the real package and finds the
+    same message classes (the descriptors are in protobuf's default pool once)."""
+    spec = importlib.util.find_spec("tensorflow")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the tensorflow package (whose protos tensorflow-serving-api uses) is not installed")
+    stand_in = types.ModuleType("tensorflow")
+    stand_in.__path__ = list(spec.submodule_search_locations)
+    before = set(sys.modules)
+    sys.modules["tensorflow"] = stand_in
+    try:
+        return _import_protos()
+    finally:
+        for name in set(sys.modules) - before:
+            if name == "tensorflow" or name.startswith("tensorflow."):
+                del sys.modules[name]
 
 
 def encode_tensor(array: np.ndarray) -> Any:
@@ -143,6 +179,7 @@ class TFServingGrpcClient:
         self.target = grpc_target(options.url)
         self.url = "grpc://" + self.target
         self.max_receive_bytes = max_receive_bytes
+        _protos()  # at start-up, before any thread could import TensorFlow meanwhile
         self._channel: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inputs: dict[tuple[str, int, str], str] = {}  # (model, version, signature) -> input name
