@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -119,25 +120,31 @@ class FallbackClient:
             }
             pixel_request = urllib.request.Request(base + "/pixels" + suffix, data=pixels.data, headers=pixel_headers, method="POST")
         outcome: dict[str, object] = {}
+        deadline = time.monotonic() + self.options.timeout_s  # both requests together
 
         def _call() -> None:
             try:
                 if pixel_request is not None:
                     try:
-                        outcome["body"] = self._send(pixel_request)
+                        outcome["body"] = self._send(pixel_request, deadline)
                         return
                     except urllib.error.HTTPError as exc:
                         if not self._photo_instead(exc):
                             raise
-                outcome["body"] = self._send(photo_request)
+                outcome["body"] = self._send(photo_request, deadline)
             except BaseException as exc:  # reported to the waiting caller  # noqa: BLE001
                 outcome["error"] = exc
 
         worker = threading.Thread(target=_call, name="edge-fallback", daemon=True)
         worker.start()
         worker.join(self.options.timeout_s)
+        late = FallbackUnavailableError(f"the server did not answer within {self.options.timeout_s:g} s")
         if worker.is_alive():
-            raise FallbackUnavailableError(f"the server did not answer within {self.options.timeout_s:g} s")
+            raise late
+        if isinstance(outcome.get("error"), TimeoutError) or (
+            isinstance(outcome.get("error"), urllib.error.URLError) and isinstance(outcome["error"].reason, TimeoutError)  # type: ignore[union-attr]
+        ):
+            raise late from outcome["error"]  # type: ignore[misc]  # the socket's deadline is the same bound
         if "error" in outcome:
             raise FallbackUnavailableError(_describe(outcome["error"])) from outcome["error"]  # type: ignore[misc]
         return _parse(outcome["body"])  # type: ignore[arg-type]
@@ -147,8 +154,8 @@ class FallbackClient:
         """False once this server showed it has no pixel route (an older sync server)."""
         return not self._no_pixel_route
 
-    def _send(self, request: urllib.request.Request) -> bytes:
-        with urllib.request.urlopen(request, timeout=self.options.timeout_s) as response:
+    def _send(self, request: urllib.request.Request, deadline: float) -> bytes:
+        with urllib.request.urlopen(request, timeout=max(0.001, deadline - time.monotonic())) as response:
             return response.read(1 << 20)
 
     def _photo_instead(self, exc: urllib.error.HTTPError) -> bool:

@@ -395,9 +395,11 @@ def test_an_unsure_photo_is_answered_by_the_server(device, int8_bundle, server, 
     [result] = json_lines(out)
     assert result["source"] == "server" and result["label"] == "sneaker" and result["fallback"] == "answered"
     [(path, auth, size)] = standin.requests
-    assert path.startswith("/v1/models/shop/predict?") and "version=1" in path
+    assert path.startswith("/v1/models/shop/predict/pixels?") and "version=1" in path
     assert auth == "Bearer device-token"
-    assert size == real_photo_path("rocket.jpg").stat().st_size  # the photo's own bytes, compact
+    from tests.model_fixtures import TINY_INPUT
+
+    assert size == TINY_INPUT[0] * TINY_INPUT[1] * 3  # the fitted pixels the device ran, not the photo
 
 
 def test_a_confident_photo_never_leaves_the_device(device, int8_bundle, server, capsys):

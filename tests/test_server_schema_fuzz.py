@@ -30,6 +30,9 @@ from tests.server_fixtures import (  # noqa: E402,F401  (fixtures)
     server_config,
 )
 
+# The pixel route's body is raw bytes (uint8 pixels), generated and sent as octet-stream bodies are.
+schemathesis.serializer.alias("application/x-edge-pixels", "application/octet-stream")
+
 EXAMPLES_PER_OPERATION = 12  # valid and invalid inputs (schemathesis' positive and negative modes)
 #: Streams that never end (an SSE stream to the caller's own id) are tested in test_server_devices.py.
 ENDLESS = {("GET", "/v1/devices/{device_id}/events")}
@@ -49,7 +52,7 @@ def _checks() -> list:
 def _token(path: str, device) -> str:  # type: ignore[no-untyped-def]
     if path == "/v1/devices/enroll":
         return ENROLLMENT_SECRET
-    if path.startswith("/v1/devices/{device_id}") or path.endswith("/predict") or path.startswith("/v1/artifacts"):
+    if path.startswith("/v1/devices/{device_id}") or path.endswith(("/predict", "/predict/pixels")) or path.startswith("/v1/artifacts"):
         return device.token
     return ADMIN_TOKEN
 
