@@ -182,6 +182,7 @@ class TFServingGrpcClient:
         _protos()  # at start-up, before any thread could import TensorFlow meanwhile
         self._channel: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._stubs: tuple[Any, Any] = (None, None)
         self._inputs: dict[tuple[str, int, str], str] = {}  # (model, version, signature) -> input name
 
     async def predict(
@@ -288,9 +289,10 @@ class TFServingGrpcClient:
                                                 ("grpc.max_send_message_length", -1)]
             self._channel = grpc.aio.insecure_channel(self.target, options=options)
             self._loop = loop
-        p = _protos()
-        stub = p.ModelServiceStub(self._channel) if method == "GetModelStatus" else p.PredictionServiceStub(self._channel)
-        return getattr(stub, method)
+            p = _protos()
+            self._stubs = (p.ModelServiceStub(self._channel), p.PredictionServiceStub(self._channel))
+        models, predictions = self._stubs
+        return getattr(models if method == "GetModelStatus" else predictions, method)
 
     async def _call(self, method: str, request: Any, deadline: float, budget: float, what: str,
                     not_found_is_error: bool = True) -> Any:
