@@ -214,11 +214,13 @@ def test_a_slow_grpc_backend_gets_the_time_the_deadline_leaves_and_no_more(publi
         x = np.zeros((1, *TINY_INPUT, 3), np.float32)
         tfs.predict_delay_s = 3.0
         client = TFServingGrpcClient(_options(tfs.grpc_url, timeout_s=10))
+        asked = len(tfs.requests)
         started = time.monotonic()
         with pytest.raises(BackendUnavailableError) as caught:
             asyncio.run(_ask(client, x, version=1, timeout_s=0.4))
         took = time.monotonic() - started
         assert caught.value.code == "backend_timeout" and caught.value.headers["Retry-After"] == "7"
+        assert len(tfs.requests) - asked == 1, "a call that reached TF Serving is never retried"
         assert 0.3 < took < 1.5, f"the call ended after {took:.2f} s, not at its 0.4 s deadline"
 
 
