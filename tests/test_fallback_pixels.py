@@ -212,6 +212,48 @@ def test_pixel_predictions_share_the_devices_throttle_bucket(publisher, spec, tm
         assert device.predict(b"any photo").status_code == 429, "photos and pixels take from one bucket"
 
 
+class SlowPredictor:
+    """A backend that takes `delay_s` per batch and answers uniform scores; it keeps the batches it got."""
+
+    kind = "slow_standin"
+
+    def __init__(self, labels: int, delay_s: float) -> None:
+        self.labels, self.delay_s, self.batches = labels, delay_s, []
+
+    async def predict(self, name, version, batch, *, timeout_s=None):  # type: ignore[no-untyped-def]
+        import asyncio
+
+        self.batches.append(batch)
+        await asyncio.sleep(self.delay_s)
+        return np.full((len(batch), self.labels), 1.0 / self.labels, dtype=np.float32)
+
+    async def model_status(self, name):  # type: ignore[no-untyped-def]
+        return {1: "AVAILABLE"}
+
+    async def ready(self):  # type: ignore[no-untyped-def]
+        return None
+
+    async def aclose(self) -> None:
+        pass
+
+
+def test_pixels_reach_the_backend_as_the_float_tensor_and_keep_the_deadline(publisher, spec, astronaut_jpeg, tmp_path):
+    predictor = SlowPredictor(len(publisher.labels), delay_s=0.0)
+    config = server_config(tmp_path / "data", None, publisher, throttle=ThrottleOptions(enabled=False), predict_deadline_s=0.5)
+    with running_server(config, predictor=predictor) as server:
+        server.publish_ok(publisher, 1, channel="stable")
+        device = server.enroll()
+        pixels = preprocess_pixels(astronaut_jpeg, spec)
+        shape = f"{spec.height}x{spec.width}x3"
+        assert _send_pixels(server, device, pixels.tobytes(), shape, spec.pixels_digest()).status_code == 200
+        [batch] = predictor.batches
+        np.testing.assert_array_equal(batch[0], preprocess(astronaut_jpeg, spec))  # normalised with the float spec
+        predictor.delay_s = 5.0
+        late = _send_pixels(server, device, pixels.tobytes(), shape, spec.pixels_digest())
+        assert late.status_code == 503 and late.json()["error"]["code"] == "deadline_exceeded"
+        assert "Retry-After" in late.headers
+
+
 # --- the device -------------------------------------------------------------------------------
 
 
