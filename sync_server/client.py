@@ -70,6 +70,17 @@ class SyncServerClient:
                        headers={"Content-Type": "application/octet-stream"})
         )
 
+    def predict_pixels(self, model: str, pixels: bytes, height: int, width: int, spec_digest: str, *,
+                       version: int | None = None, channel: str | None = None, top_k: int = 5) -> dict[str, Any]:
+        """The full model's top-k for fitted uint8 pixels (H*W*3 bytes; `PreprocessSpec.pixels_digest()`)."""
+        params: dict[str, Any] = {"top_k": top_k}
+        if version is not None:
+            params["version"] = version
+        if channel is not None:
+            params["channel"] = channel
+        headers = {"Content-Type": "application/x-edge-pixels", "X-Pixels-Shape": f"{height}x{width}x3", "X-Spec-Digest": spec_digest}
+        return self._check(self._send("POST", f"/v1/models/{model}/predict/pixels", params=params, content=pixels, headers=headers))
+
     def delete_version(self, model: str, version: int, *, dry_run: bool = False) -> dict[str, Any]:
         params = {"dry_run": "true"} if dry_run else None
         return self._check(self._send("DELETE", f"/v1/models/{model}/versions/{version}", params=params))

@@ -212,6 +212,23 @@ def test_pixel_predictions_share_the_devices_throttle_bucket(publisher, spec, tm
         assert device.predict(b"any photo").status_code == 429, "photos and pixels take from one bucket"
 
 
+def test_the_python_client_sends_pixels_and_names_a_mismatch(server, spec, astronaut_jpeg):
+    from sync_server.client import SyncServerClient
+    from sync_server.errors import ConflictError
+    from tests.server_fixtures import ADMIN_TOKEN
+
+    pixels = preprocess_pixels(astronaut_jpeg, spec).tobytes()
+    with SyncServerClient(server.url, ADMIN_TOKEN, timeout_s=30) as client:
+        answer = client.predict_pixels(MODEL, pixels, spec.height, spec.width, spec.pixels_digest(), version=2, top_k=2)
+        assert answer["model"] == {"name": MODEL, "version": 2} and len(answer["top_k"]) == 2
+        by_photo = client.predict(MODEL, astronaut_jpeg, version=2, top_k=2)["top_k"]
+        assert [c["label"] for c in answer["top_k"]] == [c["label"] for c in by_photo]
+        assert [c["score"] for c in answer["top_k"]] == pytest.approx([c["score"] for c in by_photo], abs=TOLERANCE)
+        with pytest.raises(ConflictError, match="spec digest") as refused:
+            client.predict_pixels(MODEL, pixels, spec.height, spec.width, "f" * 64, version=2)
+        assert refused.value.code == "spec_mismatch"
+
+
 class SlowPredictor:
     """A backend that takes `delay_s` per batch and answers uniform scores; it keeps the batches it got."""
 
