@@ -1,17 +1,23 @@
 """Benchmark the sync server: fallback throughput and latency, batching on and off, and 304 assignment checks.
 
-    python bench/bench_server.py [--saved-model DIR] [--seconds 5] [--clients 1,16,64] [--json out.json]
+    python bench/bench_server.py [--models demo,mobilenetv2] [--saved-model DIR] [--seconds 5]
+                                 [--clients 1,16,64] [--json out.json]
 
-In one run it:
-  1. gets a SavedModel (`--saved-model`, else trains a 96x96 demo-architecture model for one epoch on
-     a small synthetic data set: accuracy is irrelevant, the compute is the real one), converts it
-     into a signed bundle, and renders a few synthetic shop photos;
-  2. measures the compact JSON encoding the TF Serving client sends against json.dumps;
-  3. for batching on and off: starts `sync-server serve` in a subprocess (embedded SavedModel, or
+In one run, for each model (`demo`: a 96x96 demo-architecture model trained for one epoch on a small
+synthetic data set, or `--saved-model`; `mobilenetv2`: `MobileNetV2(weights=None)` at 224x224 with 6
+classes, random weights and real compute, built into the work folder; nothing is downloaded) it:
+  1. converts the SavedModel into a signed bundle and renders a few synthetic shop photos;
+  2. measures the bytes on the wire per photo (device to server, server to backend) and the compact
+     JSON encoding the TF Serving REST client sends against json.dumps;
+  3. measures where a photo's CPU time goes in this process: preparing it (decode, fit, resize) and
+     the model per photo at batch 1 and at a full batch;
+  4. for batching on and off: starts `sync-server serve` in a subprocess (embedded SavedModel, or
      `--tf-serving-url`), publishes over HTTP, enrols a device, and for each client count sends
      fallback predictions from that many concurrent clients for `--seconds` (after a warm-up),
-     recording throughput and p50/p99 latency;
-  4. measures assignment checks per second with If-None-Match (all answered 304) from 16 clients.
+     recording throughput, p50/p99 latency and the server's batches (from /metrics);
+  5. checks the issue's targets (1 client: on within 5 % of off; 64 clients: on at least 1.8x off,
+     p99 under 200 ms) and prints met / MISSED;
+  6. for the first model, measures assignment checks per second with If-None-Match (all 304).
 
 The load generator runs in this process (asyncio, one keep-alive HTTP/1.1 connection per client);
 the server runs in its own process.
@@ -30,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -48,7 +55,38 @@ SECRET = "bench-enrol-secret-0123456789abcdef"
 # ----------------------------------------------------------------------------------------------------------
 
 
-def prepare_inputs(work: Path, saved_model: Path | None) -> tuple[Path, Path, Path, list[bytes]]:
+def build_mobilenetv2(out: Path, data: Path) -> Path:
+    """A 224x224 MobileNetV2 (random weights, 6 classes) exported like a trained demo model."""
+    import contextlib
+    import io
+
+    import tensorflow as tf
+    import tf_keras as keras
+
+    from edge_demo.train import INPUT_NAME, OUTPUT_NAME
+    from preprocessing import PreprocessSpec
+
+    if (out / "saved_model.pb").is_file():
+        return out
+    print("building a 224x224 MobileNetV2 (random weights) ...", flush=True)
+    labels = (data / "labels.txt").read_text().split()
+    model = keras.applications.MobileNetV2(weights=None, input_shape=(224, 224, 3), classes=len(labels))
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serve", lambda image: {OUTPUT_NAME: model(image, training=False)},
+                         input_signature=[tf.TensorSpec([None, 224, 224, 3], tf.float32, name=INPUT_NAME)])
+    with contextlib.redirect_stdout(io.StringIO()):
+        archive.write_out(str(tmp))
+    spec = PreprocessSpec(height=224, width=224, fit="pad", pad_color=(128, 128, 128))  # as the demo: [-1, 1]
+    (tmp / "labels.txt").write_text("".join(f"{label}\n" for label in labels))
+    (tmp / "preprocess_spec.json").write_text(spec.to_json() + "\n")
+    tmp.rename(out)
+    return out
+
+
+def prepare_inputs(work: Path, saved_model: Path | None, model: str = "demo") -> tuple[Path, Path, Path, list[bytes]]:
     """(SavedModel, bundle, publisher public key, photos)."""
     from edge_demo.synthetic import GeneratorOptions, generate_dataset
 
@@ -56,7 +94,9 @@ def prepare_inputs(work: Path, saved_model: Path | None) -> tuple[Path, Path, Pa
     if not data.exists():
         generate_dataset(data, GeneratorOptions(seed=1, splits=(("train", 8), ("val", 2), ("test", 4)), long_side=(480, 800)))
     photos = [p.read_bytes() for p in sorted((data / "test").rglob("*.jpg"))][:16]
-    if saved_model is None:
+    if model == "mobilenetv2":
+        saved_model = build_mobilenetv2(work / "mobilenetv2", data)
+    elif saved_model is None:
         saved_model = work / "model"
         if not saved_model.exists():
             from edge_demo.train import TrainOptions, train
@@ -68,7 +108,7 @@ def prepare_inputs(work: Path, saved_model: Path | None) -> tuple[Path, Path, Pa
     key = work / "publisher"
     if not key.exists():
         write_keypair(key)
-    bundle = work / "bundle"
+    bundle = work / f"bundle-{model}"
     shutil.rmtree(bundle, ignore_errors=True)
     convert(saved_model, ConvertOptions(out=bundle, validation=ValidationOptions(skip=True), signing=SigningOptions(key=key), name="bench", version=1))
     return saved_model, bundle, Path(str(key) + ".pub"), photos
@@ -99,12 +139,56 @@ def encoding_report(saved_model: Path, photo: bytes) -> dict[str, Any]:
     }
 
 
+def wire_report(saved_model: Path, photos: list[bytes]) -> dict[str, Any]:
+    """Bytes per photo on each hop of the embedded path, and what the same photo is as a backend request."""
+    from preprocessing import PreprocessSpec, preprocess
+    from sync_server.predict.json_tensor import encode_float_tensor
+
+    spec = PreprocessSpec.from_json((saved_model / "preprocess_spec.json").read_text())
+    x = preprocess(photos[0], spec)[None]
+    return {
+        "device_to_server_photo_bytes": int(np.mean([len(p) for p in photos])),
+        "device_to_server_prepared_uint8_bytes": spec.height * spec.width * 3,
+        "server_to_backend_embedded_bytes": 0,  # in this process: no wire
+        "server_to_backend_rest_json_bytes": len(encode_float_tensor(x)),
+        "server_to_backend_float32_tensor_bytes": int(x.nbytes),
+    }
+
+
+def cpu_report(saved_model: Path, photos: list[bytes], max_batch: int = 32) -> dict[str, float]:
+    """Where a photo's time goes, measured in this process: prepare, and the model at batch 1 and full."""
+    import tensorflow as tf
+
+    from preprocessing import PreprocessSpec, preprocess
+
+    spec = PreprocessSpec.from_json((saved_model / "preprocess_spec.json").read_text())
+    started = time.perf_counter()
+    xs = [preprocess(photos[i % len(photos)], spec) for i in range(64)]
+    prepare_ms = (time.perf_counter() - started) / 64 * 1000
+    fn = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
+
+    def per_photo_ms(size: int, rounds: int) -> float:
+        batch = tf.constant(np.stack([xs[i % len(xs)] for i in range(size)]))
+        fn(batch)  # trace and warm
+        started = time.perf_counter()
+        for _ in range(rounds):
+            fn(batch)
+        return (time.perf_counter() - started) / rounds / size * 1000
+
+    return {
+        "prepare_ms_per_photo": round(prepare_ms, 2),
+        "model_ms_per_photo_batch_1": round(per_photo_ms(1, 30), 2),
+        f"model_ms_per_photo_batch_{max_batch}": round(per_photo_ms(max_batch, 3), 2),
+    }
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The server under test
 # ----------------------------------------------------------------------------------------------------------
 
 
-def server_process(data_dir: Path, public_key: Path, batching: bool, tf_serving_url: str | None) -> contextlib.AbstractContextManager[str]:
+def server_process(data_dir: Path, public_key: Path, batching: bool, tf_serving_url: str | None,
+                   extra: dict[str, str] | None = None) -> contextlib.AbstractContextManager[str]:
     settings = {
         "SYNC_SERVER_DATA_DIR": str(data_dir),
         "SYNC_SERVER_ADMIN_TOKEN": ADMIN,
@@ -116,6 +200,7 @@ def server_process(data_dir: Path, public_key: Path, batching: bool, tf_serving_
     }
     if tf_serving_url:
         settings["SYNC_SERVER_TF_SERVING_URL"] = tf_serving_url
+    settings.update(extra or {})
     return sync_server_process(settings, data_dir / f"server-{'on' if batching else 'off'}.log")
 
 
@@ -206,6 +291,9 @@ async def load(url: str, clients: int, seconds: float, request: Any, warmup_s: f
     return {
         "clients": clients,
         "requests": len(started),
+        "finished": len(finished),
+        "completed": len(spans),  # all, the warm-up's too: what the CPU time measured around load() served
+        "latencies_ms": values.tolist() if started else [],
         "per_second": round(len(finished) / seconds, 1),
         "p50_ms": round(float(np.percentile(values, 50)), 1),
         "p99_ms": round(float(np.percentile(values, 99)), 1),
@@ -227,31 +315,150 @@ def warm_up(url: str, device: dict[str, str], photos: list[bytes], timeout_s: fl
         fast = fast + 1 if time.perf_counter() - started < 0.25 else 0
 
 
-def fallback_runs(url: str, device: dict[str, str], photos: list[bytes], levels: list[int], seconds: float) -> list[dict[str, Any]]:
-    headers = {"Authorization": f"Bearer {device['token']}", "Content-Type": "application/octet-stream"}
-    warm_up(url, device, photos)
+def server_pid(url: str) -> int | None:
+    """The pid of our child `sync-server serve` listening at `url` (found by its SYNC_SERVER_PORT)."""
+    port = f"SYNC_SERVER_PORT={httpx.URL(url).port}".encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == os.getpid() and port in (proc / "environ").read_bytes().split(b"\0"):
+                return int(proc.name)
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
 
-    async def predict(connection: RawConnection, i: int) -> int:
-        status, _ = await connection.request("POST", "/v1/models/bench/predict", headers, photos[i % len(photos)])
-        return status
 
-    results = []
+def process_cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds of a process (all its threads) so far."""
+    if pid is None:
+        return float("nan")
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy (every process, every core), from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + values[4]
+    return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Server:
+    label: str
+    url: str
+    device: dict[str, str]
+    pid: int | None
+
+
+@dataclass(frozen=True)
+class Payload:
+    """What each request carries: the photo (`/predict`) or the device's fitted pixels (`/predict/pixels`)."""
+
+    name: str
+    path: str
+    bodies: list[bytes]
+    headers: dict[str, str]
+
+
+def payloads(saved_model: Path, photos: list[bytes], names: list[str]) -> list[Payload]:
+    from preprocessing import PreprocessSpec, preprocess_pixels
+
+    spec = PreprocessSpec.from_json((saved_model / "preprocess_spec.json").read_text())
+    made = {
+        "photo": lambda: Payload("photo", "/v1/models/bench/predict", photos, {"Content-Type": "application/octet-stream"}),
+        "pixels": lambda: Payload(
+            "pixels", "/v1/models/bench/predict/pixels", [preprocess_pixels(p, spec).tobytes() for p in photos],
+            {"Content-Type": "application/x-edge-pixels", "X-Pixels-Shape": f"{spec.height}x{spec.width}x3",
+             "X-Spec-Digest": spec.pixels_digest()},
+        ),
+    }
+    return [made[name]() for name in names]
+
+
+def fallback_levels(servers: list[Server], payload: Payload, levels: list[int], seconds: float, rounds: int) -> dict[str, list[dict[str, Any]]]:
+    """Each level as `rounds` alternating runs per server, pooled: neighbours' load hits both alike.
+
+    The CPU time of the server process, of this load generator and of the whole machine is measured
+    around each run, per photo answered: what is left of the machine's is other processes' load.
+    """
+    results: dict[str, list[dict[str, Any]]] = {server.label: [] for server in servers}
     for clients in levels:
-        result = asyncio.run(load(url, clients, seconds, predict, warmup_s=1.0))
-        print(f"    {clients:>3} clients: {result['per_second']:>7.1f} photos/s  p50 {result['p50_ms']:>7.1f} ms  "
-              f"p99 {result['p99_ms']:>7.1f} ms  {result['statuses']}", flush=True)
-        results.append(result)
+        pooled: dict[str, dict[str, Any]] = {s.label: {"runs": [], "cpu": [0.0, 0.0, 0.0, 0.0], "metrics": [0.0, 0.0, 0.0]} for s in servers}
+        for _ in range(rounds):
+            for server in servers:
+                headers = {"Authorization": f"Bearer {server.device['token']}", **payload.headers}
+                bodies = payload.bodies
+
+                async def predict(connection: RawConnection, i: int, headers: dict[str, str] = headers) -> int:
+                    status, _ = await connection.request("POST", payload.path, headers, bodies[i % len(bodies)])
+                    return status
+
+                before = batch_metrics(server.url)
+                cpu0 = (process_cpu_s(server.pid), time.process_time(), machine_busy_s(), time.perf_counter())
+                run = asyncio.run(load(server.url, clients, seconds, predict, warmup_s=1.0))
+                cpu1 = (process_cpu_s(server.pid), time.process_time(), machine_busy_s(), time.perf_counter())
+                after = batch_metrics(server.url)
+                into = pooled[server.label]
+                into["runs"].append(run)
+                into["cpu"] = [a + (b - c) for a, b, c in zip(into["cpu"], cpu1, cpu0)]
+                into["metrics"] = [a + after[k] - before[k] for a, k in zip(into["metrics"], ("batches", "photos", "backend_s"))]
+        for server in servers:
+            into = pooled[server.label]
+            runs = into["runs"]
+            latencies = np.asarray([v for r in runs for v in r["latencies_ms"]] or [0.0])
+            statuses: dict[str, int] = {}
+            for r in runs:
+                for k, v in r["statuses"].items():
+                    statuses[k] = statuses.get(k, 0) + v
+            completed = sum(r["completed"] for r in runs) or 1
+            server_s, loadgen_s, machine_s, wall_s = into["cpu"]
+            batches, batch_photos, backend_s = into["metrics"]
+            result = {
+                "clients": clients,
+                "rounds": rounds,
+                "requests": sum(r["requests"] for r in runs),
+                "per_second": round(sum(r["finished"] for r in runs) / (seconds * rounds), 1),
+                "p50_ms": round(float(np.percentile(latencies, 50)), 1),
+                "p99_ms": round(float(np.percentile(latencies, 99)), 1),
+                "statuses": statuses,
+                "mean_batch_size": round(batch_photos / batches, 2) if batches else 0.0,
+                "backend_ms_per_batch": round(backend_s / batches * 1000, 2) if batches else 0.0,
+                "cpu_ms_per_photo": {
+                    "server": round(server_s / completed * 1000, 2),
+                    "load_generator": round(loadgen_s / completed * 1000, 2),
+                    "other_processes": round(max(0.0, machine_s - server_s - loadgen_s) / completed * 1000, 2),
+                },
+                "machine_busy_cores": round(machine_s / wall_s, 2),
+            }
+            cpu = result["cpu_ms_per_photo"]
+            print(f"    {payload.name}, batching {server.label:>3}, {clients:>3} clients: {result['per_second']:>7.1f} photos/s  p50 {result['p50_ms']:>7.1f} ms  "
+                  f"p99 {result['p99_ms']:>7.1f} ms  batch {result['mean_batch_size']:>5.1f} photos {result['backend_ms_per_batch']:>6.1f} ms  "
+                  f"CPU ms/photo server {cpu['server']:.2f} loadgen {cpu['load_generator']:.2f} others {cpu['other_processes']:.2f}  "
+                  f"busy {result['machine_busy_cores']:.2f} cores  {result['statuses']}", flush=True)
+            results[server.label].append(result)
     return results
 
 
-def batch_sizes(url: str) -> dict[str, float]:
+def batch_metrics(url: str) -> dict[str, float]:
+    """The server's totals so far: batches, photos in them, and seconds spent in backend calls."""
     text = httpx.get(url + "/metrics", timeout=10).text
-    count = total = 0.0
+    found = {"batches": 0.0, "photos": 0.0, "backend_s": 0.0}
     for line in text.splitlines():
         if line.startswith("sync_server_predict_batch_size_count"):
-            count = float(line.rsplit(" ", 1)[1])
+            found["batches"] = float(line.rsplit(" ", 1)[1])
         elif line.startswith("sync_server_predict_batch_size_sum"):
-            total = float(line.rsplit(" ", 1)[1])
+            found["photos"] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("sync_server_predict_batch_duration_seconds_sum"):
+            found["backend_s"] = float(line.rsplit(" ", 1)[1])
+    return found
+
+
+def batch_sizes(url: str) -> dict[str, float]:
+    found = batch_metrics(url)
+    count, total = found["batches"], found["photos"]
     return {"batches": count, "mean_batch_size": round(total / count, 2) if count else 0.0}
 
 
@@ -272,52 +479,131 @@ def assignment_run(url: str, device: dict[str, str], clients: int, seconds: floa
 # ----------------------------------------------------------------------------------------------------------
 
 
+#: The issue's targets: (name, what is measured, bound, True when the measure must stay below it).
+TARGETS = (
+    ("1 client: on no slower than off (within 5 %)", "ratio_1", 0.95, False),
+    ("64 clients: on at least 1.8x off", "ratio_64", 1.8, False),
+    ("64 clients: p99 under 200 ms (on)", "p99_64_ms", 200.0, True),
+)
+
+
+def check_targets(fallback: dict[str, Any]) -> dict[str, Any]:
+    """The targets for one model's runs; a level not run is 'not measured'."""
+    def level(mode: str, clients: int) -> dict[str, Any] | None:
+        return next((r for r in fallback[f"batching_{mode}"]["runs"] if r["clients"] == clients), None)
+
+    measured: dict[str, float] = {}
+    for clients in (1, 64):
+        on, off = level("on", clients), level("off", clients)
+        if on and off and off["per_second"]:
+            measured[f"ratio_{clients}"] = round(on["per_second"] / off["per_second"], 3)
+        if clients == 64 and on:
+            measured["p99_64_ms"] = on["p99_ms"]
+    checked = {}
+    for name, key, bound, is_max in TARGETS:
+        value = measured.get(key)
+        met = None if value is None else bool(value < bound if is_max else value >= bound)
+        checked[name] = {"measured": value, "bound": bound, "met": met}
+    return checked
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--saved-model", type=Path, help="SavedModel to serve (default: train a throwaway 96x96 one)")
+    parser.add_argument("--models", default="demo,mobilenetv2", help="models to measure: demo, mobilenetv2 (default both)")
+    parser.add_argument("--saved-model", type=Path, help="SavedModel to serve as 'demo' (default: train a throwaway 96x96 one)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "edge-classify-bench", help="cache folder")
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per level (default 5)")
     parser.add_argument("--clients", default="1,16,64", help="concurrent client counts (default 1,16,64)")
+    parser.add_argument("--payloads", default="photo,pixels", help="what devices send: photo, pixels (default both)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating on/off runs per level, pooled (default 3)")
     parser.add_argument("--assignment-clients", type=int, default=16)
     parser.add_argument("--tf-serving-url", help="benchmark TF Serving at this URL instead of the embedded predictor")
+    parser.add_argument("--server-setting", action="append", default=[], metavar="NAME=VALUE",
+                        help="an extra SYNC_SERVER_* setting for both servers, e.g. SYNC_SERVER_NUM_BATCH_THREADS=1")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     levels = [int(c) for c in args.clients.split(",")]
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(models) - {"demo", "mobilenetv2"})
+    if unknown:
+        parser.error(f"unknown model {', '.join(unknown)}: choose demo or mobilenetv2")
+    payload_names = [p.strip() for p in args.payloads.split(",") if p.strip()]
+    if not payload_names or set(payload_names) - {"photo", "pixels"}:
+        parser.error("--payloads: choose photo, pixels or both")
+    extra = dict(item.split("=", 1) for item in args.server_setting)
     args.work.mkdir(parents=True, exist_ok=True)
-
-    saved_model, bundle, public_key, photos = prepare_inputs(args.work, args.saved_model)
     report: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "load_average_at_start": list(os.getloadavg())},
         "backend": "tf_serving" if args.tf_serving_url else "embedded",
-        "photo_bytes_mean": int(np.mean([len(p) for p in photos])),
-        "encoding": encoding_report(saved_model, photos[0]),
-        "fallback": {},
+        "server_settings": extra,
+        "models": {},
     }
-    enc = report["encoding"]
-    print(f"TF Serving request body for one {enc['input_shape']} photo: exact {enc['exact_shortest_float32']['bytes']:,} B in "
-          f"{enc['exact_shortest_float32']['ms']} ms; json.dumps {enc['json_dumps_tolist']['bytes']:,} B in "
-          f"{enc['json_dumps_tolist']['ms']} ms; 4 decimals {enc['rounded_4_decimals']['bytes']:,} B", flush=True)
+    for model in models:
+        print(f"== {model}", flush=True)
+        saved_model, bundle, public_key, photos = prepare_inputs(args.work, args.saved_model, model)
+        max_batch = int(extra.get("SYNC_SERVER_MAX_BATCH_SIZE", 32))
+        entry: dict[str, Any] = {
+            "wire": wire_report(saved_model, photos),
+            "encoding": encoding_report(saved_model, photos[0]),
+            "cpu": cpu_report(saved_model, photos, max_batch),
+            "fallback": {},
+        }
+        report["models"][model] = entry
+        enc, wire = entry["encoding"], entry["wire"]
+        print(f"input {enc['input_shape']}; bytes per photo: device->server {wire['device_to_server_photo_bytes']:,} (photo; "
+              f"prepared uint8 pixels would be {wire['device_to_server_prepared_uint8_bytes']:,}); server->backend "
+              f"embedded 0 (in process), REST JSON {wire['server_to_backend_rest_json_bytes']:,}, float32 tensor "
+              f"{wire['server_to_backend_float32_tensor_bytes']:,}", flush=True)
+        print(f"TF Serving REST body: exact {enc['exact_shortest_float32']['ms']} ms to encode; json.dumps "
+              f"{enc['json_dumps_tolist']['bytes']:,} B in {enc['json_dumps_tolist']['ms']} ms", flush=True)
+        print(f"CPU per photo in this process: {entry['cpu']}", flush=True)
 
-    data_dir = args.work / "server-data"
-    shutil.rmtree(data_dir, ignore_errors=True)
-    data_dir.mkdir()
-    device: dict[str, str] = {}
-    for batching in (True, False):
-        label = "on" if batching else "off"
-        print(f"fallback, batching {label} ({report['backend']}):", flush=True)
-        with server_process(data_dir, public_key, batching, args.tf_serving_url) as url:
-            if not device:
-                device = publish_and_enroll(url, bundle, saved_model)
-            runs = fallback_runs(url, device, photos, levels, args.seconds)
-            report["fallback"][f"batching_{label}"] = {"runs": runs, **batch_sizes(url)}
-            print(f"    mean batch size {report['fallback'][f'batching_{label}']['mean_batch_size']}", flush=True)
-            if not batching:
-                assignment = assignment_run(url, device, args.assignment_clients, args.seconds)
+        servers: list[Server] = []
+        with contextlib.ExitStack() as stack:
+            for batching in (True, False):
+                label = "on" if batching else "off"
+                data_dir = args.work / f"server-data-{model}-{label}"
+                shutil.rmtree(data_dir, ignore_errors=True)
+                data_dir.mkdir()
+                url = stack.enter_context(server_process(data_dir, public_key, batching, args.tf_serving_url, extra))
+                servers.append(Server(label, url, publish_and_enroll(url, bundle, saved_model), server_pid(url)))
+            for server in servers:
+                warm_up(server.url, server.device, photos)
+            for payload in payloads(saved_model, photos, payload_names):
+                print(f"fallback ({report['backend']}, {payload.name}), batching on and off, {args.rounds} alternating rounds per level:", flush=True)
+                levels_run = fallback_levels(servers, payload, levels, args.seconds, args.rounds)
+                entry["fallback"][payload.name] = {f"batching_{label}": {"runs": runs} for label, runs in levels_run.items()}
+            if model == models[0]:
+                off = servers[1]
+                assignment = assignment_run(off.url, off.device, args.assignment_clients, args.seconds)
+                assignment.pop("latencies_ms", None)
                 report["assignment_304"] = assignment
                 print(f"assignment checks with If-None-Match from {assignment['clients']} clients: "
                       f"{assignment['per_second']:.0f}/s, p50 {assignment['p50_ms']} ms, p99 {assignment['p99_ms']} ms, "
                       f"statuses {assignment['statuses']}", flush=True)
+        entry["targets"] = {name: check_targets(runs) for name, runs in entry["fallback"].items()}
+
+    print("\n| model | payload | clients | on photos/s | off photos/s | on/off | on p50 / p99 ms | off p50 / p99 ms | on mean batch | server CPU ms/photo on / off |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for model, entry in report["models"].items():
+        for payload, runs in entry["fallback"].items():
+            for on, off in zip(runs["batching_on"]["runs"], runs["batching_off"]["runs"]):
+                ratio = on["per_second"] / off["per_second"] if off["per_second"] else float("nan")
+                print(f"| {model} | {payload} | {on['clients']} | {on['per_second']:.1f} | {off['per_second']:.1f} | {ratio:.2f}x | "
+                      f"{on['p50_ms']:.0f} / {on['p99_ms']:.0f} | {off['p50_ms']:.0f} / {off['p99_ms']:.0f} | {on['mean_batch_size']:.1f} | "
+                      f"{on['cpu_ms_per_photo']['server']:.2f} / {off['cpu_ms_per_photo']['server']:.2f} |")
+    print()
+    for model, entry in report["models"].items():
+        print(f"{model}: bytes per photo device->server: photo {entry['wire']['device_to_server_photo_bytes']:,}, pixels "
+              f"{entry['wire']['device_to_server_prepared_uint8_bytes']:,}; server->backend: embedded 0, REST JSON "
+              f"{entry['wire']['server_to_backend_rest_json_bytes']:,}, float32 tensor {entry['wire']['server_to_backend_float32_tensor_bytes']:,}")
+    for model, entry in report["models"].items():
+        for payload, targets in entry["targets"].items():
+            for name, t in targets.items():
+                state = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+                print(f"{model}, {payload}: {name}: {state} (measured {t['measured']}, bound {t['bound']})")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
