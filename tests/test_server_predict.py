@@ -389,3 +389,25 @@ def test_a_queued_request_past_its_deadline_is_not_sent_with_a_long_batch_window
     gave_up_after = _run(main())
     assert gave_up_after < 0.9, "the caller was answered at its deadline"
     assert sent == [1], f"the request past its deadline was sent: {sent}"
+
+
+def test_closing_the_batcher_answers_the_photos_of_a_batch_still_gathering():
+    """A batch waiting to fill when the server stops: its callers are cancelled, none is left hanging."""
+    async def run(key, batch):
+        await asyncio.sleep(0.3)
+        return batch
+
+    async def main():
+        batcher = Batcher(run, BatchingOptions(max_batch_size=32, max_wait_ms=5_000, num_batch_threads=2))
+        first = asyncio.create_task(batcher.submit("m", np.zeros(1, np.float32)))
+        while batcher.in_flight("m") == 0:
+            await asyncio.sleep(0.005)
+        gathering = asyncio.create_task(batcher.submit("m", np.ones(1, np.float32)))
+        await asyncio.sleep(0.05)  # taken by the second slot, waiting for more
+        await batcher.aclose()
+        done, pending = await asyncio.wait({first, gathering}, timeout=2.0)
+        return gathering in done and gathering.cancelled(), pending
+
+    gathering_cancelled, pending = _run(main())
+    assert not pending, "a caller was left waiting after the batcher closed"
+    assert gathering_cancelled

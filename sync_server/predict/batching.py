@@ -120,13 +120,17 @@ class Batcher:
         max_wait = self.options.max_wait_ms / 1000.0
         while True:
             await lane.slots.acquire()
+            batch: list[_Item] = []
             try:
-                batch = [await lane.queue.get()]
+                batch.append(await lane.queue.get())
                 self._drain(lane, batch, max_size)
                 if len(batch) < max_size and max_wait > 0 and lane.in_flight > 0:
                     await self._gather_more(lane, batch, max_size, loop.time() + max_wait)
-            except asyncio.CancelledError:
+            except asyncio.CancelledError:  # closing: the photos taken from the queue are answered too
                 lane.slots.release()
+                for item in batch:
+                    if not item.future.done():
+                        item.future.cancel()
                 raise
             now = loop.time()
             batch = [item for item in batch if not item.expired(now)]  # nobody waits for these any more
