@@ -2,7 +2,7 @@
 
 Nothing of the protocol is ours: routing, the binary tensor data extension, readiness and errors are
 KServe's (`kserve` 0.21, in its own virtual environment, `.venv-oip/`, because it pins protobuf < 7 and
-the project's venv has protobuf 7). Our part is a `kserve.Model` that loads a SavedModel with TensorFlow
+the project's venv has protobuf 7; see tests/oip-requirements.txt). Our part is a `kserve.Model` that loads a SavedModel with TensorFlow
 and calls its `serving_default` signature, as TF Serving would.
 
     .venv-oip/bin/python tests/oip_server.py --http-port 8080 --model demo-1=/path/to/saved_model \
@@ -74,6 +74,18 @@ class SavedModelModel(kserve.Model):
         )
 
 
+def _listen_on_loopback_only() -> None:
+    """KServe's REST server binds 0.0.0.0; a test server listens on 127.0.0.1 alone."""
+    import uvicorn
+
+    class LoopbackConfig(uvicorn.Config):
+        def __init__(self, *args, **kwargs) -> None:
+            kwargs["host"] = "127.0.0.1"
+            super().__init__(*args, **kwargs)
+
+    uvicorn.Config = LoopbackConfig
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--http-port", type=int, required=True)
@@ -87,6 +99,7 @@ def main(argv: list[str]) -> None:
         model.load()
         models.append(model)
     logging.getLogger().setLevel(logging.WARNING)
+    _listen_on_loopback_only()
     server = kserve.ModelServer(http_port=options.http_port, enable_grpc=False, workers=1, enable_latency_logging=False, grace_period=1)
     server.start(models)
 

@@ -1,8 +1,9 @@
 """The full model behind an Open Inference Protocol server that nobody here wrote: KServe's ModelServer.
 
 KServe runs in its own process and its own virtual environment (`.venv-oip/`: kserve pins protobuf < 7,
-the project's venv has 7), created here on first use from PyPI (about 25 s with pip's cache warm) and
-reused after; TensorFlow comes from the project's venv. Without PyPI the tests skip and say why.
+the project's venv has 7), created here on first use from PyPI with `tests/oip-requirements.txt` (about
+20 s without pip's cache) and reused after; everything else, TensorFlow included, comes from the
+project's venv, after .venv-oip's own packages. Without PyPI the tests skip and say why.
 The server is `tests/oip_server.py`: KServe's routing, binary tensor extension and errors over our SavedModels.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -35,6 +37,7 @@ from tests.server_fixtures import MODEL, photo_bytes, publisher, running_server,
 
 ROOT = Path(__file__).resolve().parent.parent
 OIP_VENV = ROOT / ".venv-oip"
+REQUIREMENTS = ROOT / "tests" / "oip-requirements.txt"
 KSERVE = "kserve==0.21.0"
 #: How long creating the OIP venv may take before the tests skip (pip install from PyPI).
 CREATE_TIMEOUT_S = 120
@@ -43,14 +46,16 @@ CREATE_TIMEOUT_S = 120
 def _oip_python() -> Path:
     """The interpreter of `.venv-oip/`, created on first use; skips with the reason when it cannot be."""
     python = OIP_VENV / "bin" / "python"
-    if (OIP_VENV / ".complete").is_file():
+    wanted = hashlib.sha256(REQUIREMENTS.read_bytes() + sys.executable.encode()).hexdigest()
+    marker = OIP_VENV / ".complete"
+    if marker.is_file() and marker.read_text().split()[:1] == [wanted]:
         return python
     shutil.rmtree(OIP_VENV, ignore_errors=True)
     started = time.monotonic()
     try:
         subprocess.run([sys.executable, "-m", "venv", str(OIP_VENV)], check=True, capture_output=True, timeout=60)
         done = subprocess.run(
-            [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", KSERVE],
+            [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps", "-r", str(REQUIREMENTS)],
             capture_output=True, text=True, timeout=CREATE_TIMEOUT_S,
         )  # fmt: skip
     except subprocess.TimeoutExpired:
@@ -58,11 +63,12 @@ def _oip_python() -> Path:
         pytest.skip(f"installing {KSERVE} into .venv-oip took over {CREATE_TIMEOUT_S} s (no PyPI or a slow one)")
     if done.returncode != 0:
         shutil.rmtree(OIP_VENV, ignore_errors=True)
-        pytest.skip(f"{KSERVE} could not be installed into .venv-oip: {done.stderr.strip().splitlines()[-1:]}")
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        pytest.skip(f"{KSERVE} could not be installed into .venv-oip from {REQUIREMENTS.name}: {last}")
     # TensorFlow (and what only it needs) from the project's venv, after KServe's own packages.
     site = Path(sysconfig.get_paths()["purelib"])
     (OIP_VENV / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages" / "zz_project_venv.pth").write_text(f"{site}\n")
-    (OIP_VENV / ".complete").write_text(f"{KSERVE} in {time.monotonic() - started:.0f} s\n")
+    marker.write_text(f"{wanted} {KSERVE} installed in {time.monotonic() - started:.0f} s\n")
     return python
 
 
