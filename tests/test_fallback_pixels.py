@@ -36,6 +36,7 @@ class CountingRelay:
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
         self.sent: list[int] = []  # per connection, device -> server
+        self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
@@ -51,6 +52,7 @@ class CountingRelay:
             with self._lock:
                 index = len(self.sent)
                 self.sent.append(0)
+                self._sockets += [client, upstream]
             threading.Thread(target=self._pipe, args=(client, upstream, index), daemon=True).start()
             threading.Thread(target=self._pipe, args=(upstream, client, None), daemon=True).start()
 
@@ -77,6 +79,9 @@ class CountingRelay:
 
     def close(self) -> None:
         self._listener.close()
+        with self._lock:
+            for s in self._sockets:
+                s.close()
 
 
 @pytest.fixture(scope="module")
