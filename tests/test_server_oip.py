@@ -31,7 +31,7 @@ from preprocessing import PreprocessSpec, preprocess
 from sync_server import TFServingOptions
 from sync_server.errors import BackendFailedError, BackendUnavailableError
 from sync_server.predict.embedded import EmbeddedPredictor
-from sync_server.predict.oip import HEADER, OIPPredictor, decode_infer_response
+from sync_server.predict.oip import HEADER, OIPPredictor, decode_infer_response, encode_infer_request
 from sync_server.serving_repo import ServingRepository
 from tests.server_fixtures import MODEL, photo_bytes, publisher, running_server, server_config  # noqa: F401
 
@@ -172,6 +172,26 @@ def test_kserve_answers_each_version_like_the_embedded_predictor_on_a_real_photo
     assert status == {1: "AVAILABLE", 2: "AVAILABLE", 3: "UNAVAILABLE"} and ready is None
     header = sent - photo.nbytes
     assert 0 < header < 400, f"binary body: {photo.nbytes} tensor bytes plus a {header}-byte JSON header"
+
+
+def test_kserve_speaks_the_binary_tensor_extension_both_ways(served):
+    server, _, spec = served
+    x = np.random.default_rng(1).random((2, spec.height, spec.width, 3), dtype=np.float32)
+    info = _run(_with(OIPPredictor(_options(server.url), version_in="name"), lambda p: p.model_info(MODEL, 1)))
+    body, length = encode_infer_request(info, x)
+    url = f"{server.url}/v2/models/{MODEL}-1/infer"
+    headers = {"Content-Type": "application/octet-stream", HEADER: str(length)}
+    binary = httpx.post(url, content=body, headers=headers, timeout=30)
+    assert binary.status_code == 200, binary.text
+    answer_header = int(binary.headers[HEADER])
+    classes = info.output.shape[-1]
+    assert len(binary.content) == answer_header + 2 * classes * 4, "the scores came back as raw float32 after the JSON"
+    json_outputs = body[:length].replace(b'"binary_data":true', b'"binary_data":false')
+    as_json = httpx.post(url, content=json_outputs + body[length:], headers={**headers, HEADER: str(len(json_outputs))}, timeout=30)
+    assert as_json.status_code == 200 and HEADER.lower() not in as_json.headers and "data" in as_json.json()["outputs"][0]
+    by_binary = decode_infer_response(binary.content, binary.headers[HEADER], info.output.name)
+    by_json = decode_infer_response(as_json.content, None, info.output.name)
+    assert by_binary.shape == (2, classes) and np.allclose(by_binary, by_json, atol=1e-6)
 
 
 def test_the_devices_uint8_pixels_give_the_same_answer_from_a_model_that_normalises_itself(served, demo_dataset):
