@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import http.server
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 from pathlib import Path
 
@@ -301,3 +303,59 @@ def test_hostile_answers_are_refused_with_the_reason():
     ]:
         with pytest.raises((KeyError, TypeError, ValueError), match=reason):
             decode_infer_response(content, length, "p")
+
+
+class _Misbehaving(http.server.BaseHTTPRequestHandler):
+    """An OIP stand-in that answers metadata properly and each infer call in the way its path names."""
+
+    def do_GET(self) -> None:  # noqa: N802
+        meta = {"name": "m-1", "inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 2, 2, 3]}],
+                "outputs": [{"name": "scores", "datatype": "FP32", "shape": [-1, 2]}]}  # fmt: skip
+        self._answer(200, json.dumps(meta).encode())
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers["Content-Length"]))
+        if "/huge" in self.path:  # an endless answer, never a Content-Length
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                for _ in range(40):
+                    self.wfile.write(b" " * (1024 * 1024))
+        elif "/slow" in self.path:
+            time.sleep(3)
+            self._answer(200, b"{}")
+        else:
+            self._answer(200, b'{"outputs": [{"name": "scores", "datatype": "FP32", "shape": [1, 2], "data": [1, 2, 3]}]}')
+
+    def _answer(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_misbehaving_oip_server_is_refused_with_the_reason_within_the_deadline():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Misbehaving)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    x = np.zeros((1, 2, 2, 3), np.float32)
+    try:
+        for template, timeout_s, error, reason in [
+            ("huge", None, BackendFailedError, "over 16777216 bytes"),
+            ("slow", 0.5, BackendUnavailableError, "did not answer within 0.5 s"),
+            ("lies", None, BackendFailedError, "could not be read: cannot reshape"),
+        ]:
+            predictor = OIPPredictor(_options(url), version_in="name", name_template=template)
+            started = time.monotonic()
+            with pytest.raises(error, match=reason):
+                _run(_with(predictor, lambda p: p.predict("m", 1, x, timeout_s=timeout_s)))
+            assert time.monotonic() - started < 2.5, template
+    finally:
+        server.shutdown()
+        server.server_close()

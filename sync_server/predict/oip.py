@@ -228,7 +228,7 @@ class OIPPredictor:
                 if isinstance(exc, httpx.ConnectTimeout) and attempt + 1 < attempts:
                     continue
                 raise BackendUnavailableError(
-                    f"the OIP server at {self.url} did not answer within {budget:g} s",
+                    f"the OIP server at {self.url} did not answer within {budget:.1f} s",
                     retry_after_s=self.options.retry_after_s,
                     code="backend_timeout",
                 ) from exc
