@@ -197,7 +197,7 @@ def test_kserve_speaks_the_binary_tensor_extension_both_ways(served):
 
 
 def test_the_devices_uint8_pixels_give_the_same_answer_from_a_model_that_normalises_itself(served, demo_dataset):
-    from preprocessing._prepare import normalise, preprocess_pixels
+    from preprocessing import normalise, preprocess_pixels
 
     server, _, spec = served
     pixels = preprocess_pixels(photo_bytes(demo_dataset, "book"), spec)
