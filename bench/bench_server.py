@@ -155,6 +155,42 @@ def wire_report(saved_model: Path, photos: list[bytes]) -> dict[str, Any]:
     }
 
 
+def lone_request_overhead(fn: Any, x: np.ndarray, rounds: int = 200) -> dict[str, float]:
+    """One request at a time through the batcher against straight to the model, interleaved in this process.
+
+    The 1-client comparison over HTTP swings by +-20 % on a shared machine; interleaving the two paths
+    call by call cancels the neighbours' load and leaves what batching itself costs a lone request.
+    """
+    import anyio
+    import tensorflow as tf
+
+    from sync_server.config import BatchingOptions
+    from sync_server.predict.batching import Batcher
+
+    limiter = anyio.CapacityLimiter(4)
+
+    async def run(key: object, batch: np.ndarray, timeout_s: float | None = None) -> np.ndarray:
+        return await anyio.to_thread.run_sync(lambda: next(iter(fn(tf.constant(batch)).values())).numpy(), limiter=limiter)
+
+    async def main() -> tuple[float, float]:
+        batcher = Batcher(run, BatchingOptions())
+        on, off = [], []
+        for i in range(rounds + 10):
+            t0 = time.perf_counter()
+            await batcher.submit("m", x, asyncio.get_running_loop().time() + 10)
+            t1 = time.perf_counter()
+            await run("m", x[None], timeout_s=10)
+            t2 = time.perf_counter()
+            if i >= 10:
+                on.append(t1 - t0)
+                off.append(t2 - t1)
+        await batcher.aclose()
+        return float(np.median(on)) * 1000, float(np.median(off)) * 1000
+
+    on_ms, off_ms = asyncio.run(main())
+    return {"lone_request_batcher_ms": round(on_ms, 3), "lone_request_direct_ms": round(off_ms, 3)}
+
+
 def cpu_report(saved_model: Path, photos: list[bytes], max_batch: int = 32) -> dict[str, float]:
     """Where a photo's time goes, measured in this process: prepare, and the model at batch 1 and full."""
     import tensorflow as tf
@@ -176,6 +212,7 @@ def cpu_report(saved_model: Path, photos: list[bytes], max_batch: int = 32) -> d
         return (time.perf_counter() - started) / rounds / size * 1000
 
     return {
+        **lone_request_overhead(fn, xs[0]),
         "prepare_ms_per_photo": round(prepare_ms, 2),
         "model_ms_per_photo_batch_1": round(per_photo_ms(1, 30), 2),
         f"model_ms_per_photo_batch_{max_batch}": round(per_photo_ms(max_batch, 3), 2),
@@ -351,6 +388,22 @@ class Server:
     url: str
     device: dict[str, str]
     pid: int | None
+
+
+def warm_up_batches(server: "Server", photos: list[bytes], clients: int = 64, seconds: float = 3.0) -> None:
+    """Untimed load at 64 clients, so the model meets the batch sizes of the levels before they are timed.
+
+    A model's first call at a new batch size is slow (the kernels for that shape are made then): the
+    first level to meet sizes 2..32 would otherwise time those stalls, which TF Serving avoids with
+    warm-up requests.
+    """
+    headers = {"Authorization": f"Bearer {server.device['token']}", "Content-Type": "application/octet-stream"}
+
+    async def predict(connection: RawConnection, i: int) -> int:
+        status, _ = await connection.request("POST", "/v1/models/bench/predict", headers, photos[i % len(photos)])
+        return status
+
+    asyncio.run(load(server.url, clients, seconds, predict, warmup_s=0.0))
 
 
 @dataclass(frozen=True)
@@ -571,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
                 servers.append(Server(label, url, publish_and_enroll(url, bundle, saved_model), server_pid(url)))
             for server in servers:
                 warm_up(server.url, server.device, photos)
+                warm_up_batches(server, photos)
             for payload in payloads(saved_model, photos, payload_names):
                 print(f"fallback ({report['backend']}, {payload.name}), batching on and off, {args.rounds} alternating rounds per level:", flush=True)
                 levels_run = fallback_levels(servers, payload, levels, args.seconds, args.rounds)
@@ -599,6 +653,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{model}: bytes per photo device->server: photo {entry['wire']['device_to_server_photo_bytes']:,}, pixels "
               f"{entry['wire']['device_to_server_prepared_uint8_bytes']:,}; server->backend: embedded 0, REST JSON "
               f"{entry['wire']['server_to_backend_rest_json_bytes']:,}, float32 tensor {entry['wire']['server_to_backend_float32_tensor_bytes']:,}")
+    for model, entry in report["models"].items():
+        cpu = entry["cpu"]
+        print(f"{model}: a lone request, interleaved in process: through the batcher {cpu['lone_request_batcher_ms']} ms, "
+              f"straight to the model {cpu['lone_request_direct_ms']} ms "
+              f"({cpu['lone_request_direct_ms'] / cpu['lone_request_batcher_ms']:.3f}x the throughput of off)")
+        for payload, runs in entry["fallback"].items():
+            on = next((r for r in runs["batching_on"]["runs"] if r["clients"] == 64), None)
+            off = next((r for r in runs["batching_off"]["runs"] if r["clients"] == 64), None)
+            if on and off:
+                def cost(r: dict[str, Any]) -> float:
+                    return r["cpu_ms_per_photo"]["server"] + r["cpu_ms_per_photo"]["load_generator"]
+                print(f"{model}, {payload}: 64 clients, CPU per photo (server + load generator) off / on: "
+                      f"{cost(off):.2f} / {cost(on):.2f} ms = {cost(off) / cost(on):.2f}x the photos per CPU-second; "
+                      f"other processes took {on['cpu_ms_per_photo']['other_processes']:.2f} / {off['cpu_ms_per_photo']['other_processes']:.2f} ms per photo (on / off)")
     for model, entry in report["models"].items():
         for payload, targets in entry["targets"].items():
             for name, t in targets.items():
