@@ -34,10 +34,12 @@ def default_data_dir() -> Path:
 
 @dataclass(frozen=True)
 class BatchingOptions:
-    """How concurrent predictions are combined into one backend call, as TF Serving's batching does.
+    """How concurrent predictions are combined into one backend call, only when there is load.
 
-    A batch closes when it holds `max_batch_size` photos or `max_wait_ms` after its first photo;
-    at most `num_batch_threads` batches of one model version run at once (more wait and grow).
+    With no batch of a model version running, a photo goes at once (no wait at low load). While
+    `num_batch_threads` batches run, photos queue and go together as the next batch when one ends;
+    while some but not all run, a batch waits up to `max_wait_ms` to fill (never past a deadline).
+    A batch holds at most `max_batch_size` photos.
     """
 
     enabled: bool = True
@@ -281,7 +283,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tf_serving.watch_s", "--tf-serving-watch", float, "seconds between checks that TF Serving still holds the versions in use; after a restart the config is rewritten (default 5)", "S"),
     Setting("batching.enabled", "--batching", _bool, "combine concurrent predictions into batches: on or off (default on)", "on|off"),
     Setting("batching.max_batch_size", "--max-batch-size", int, "largest batch (default 32)", "N"),
-    Setting("batching.max_wait_ms", "--max-batch-wait-ms", float, "longest a photo waits for its batch to fill (default 2)", "MS"),
+    Setting("batching.max_wait_ms", "--max-batch-wait-ms", float, "longest a batch waits to fill while another batch of its version runs; none when idle (default 2)", "MS"),
     Setting("batching.num_batch_threads", "--num-batch-threads", int, "batches of one model version running at once (default 2)", "N"),
     Setting("limits.max_upload_bytes", "--max-upload-bytes", int, "largest publish upload (default 1 GiB)", "BYTES"),
     Setting("limits.max_image_bytes", "--max-image-bytes", int, "largest photo for the fallback (default 20 MiB)", "BYTES"),
