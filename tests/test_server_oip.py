@@ -114,7 +114,7 @@ def _keras_saved_model(folder: Path, size: int, classes: int = 4) -> Path:
     x = tf.keras.layers.Conv2D(4, 3, strides=2, activation="relu")(inputs)
     x = tf.keras.layers.GlobalAveragePooling2D()(x)
     outputs = tf.keras.layers.Dense(classes, activation="softmax")(x)
-    tf.keras.Model(inputs, outputs).export(str(folder), verbose=False)
+    tf.keras.Model(inputs, outputs).export(str(folder))  # no verbose=: tf_keras (Keras 2) may be tf.keras here
     spec = PreprocessSpec().replace(height=size, width=size)
     (folder / "preprocess_spec.json").write_text(spec.to_json())
     return folder
