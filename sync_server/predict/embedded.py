@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import logging
 import threading
 import time
@@ -118,6 +119,9 @@ class EmbeddedPredictor:
         output_name = next((k for k in OUTPUT_NAMES if k in outputs), sorted(outputs)[0])
         loaded = _Loaded(model, function, input_name, output_name)
         self._warm_up(name, version, path, loaded, inputs[input_name])
+        # A loaded SavedModel leaves ~300k tracked objects that live as long as the version: without this,
+        # each full collection walks them all (0.5-0.8 s measured), stalling every request in flight.
+        gc.freeze()
         log.info("loaded SavedModel", extra={"model": name, "version": version, "warmup_requests": loaded.warmup_requests,
                                              "warmup_source": loaded.warmup_source, "warmup_s": round(loaded.warmup_s, 3)})
         return loaded
