@@ -156,9 +156,9 @@ def test_kills_during_publish_leave_leftovers_that_check_finds_and_repair_remove
     incoming = [p for p in _hidden(models_dir) if "-incoming-" in p.name]
     uploads = [p for p in staging.iterdir() if p.name.startswith("upload-")] if staging.is_dir() else []
     orphans = [p for p in models_dir.iterdir() if p.name.isdigit() and int(p.name) not in recorded]
-    print(f"after {len(phases)} kills {hits}: {len(incoming)} incoming folders, {len(uploads)} upload folders, "
-          f"{len(orphans)} unrecorded version folders, recorded versions {sorted(recorded)}")
-    assert incoming, "a kill during the copy leaves a hidden incoming folder"
+    left = (f"after {len(phases)} kills {hits}: {len(incoming)} incoming folders, {len(uploads)} upload folders, "
+            f"{len(orphans)} unrecorded version folders, recorded versions {sorted(recorded)}")
+    assert incoming, f"a kill during the copy leaves a hidden incoming folder ({left})"
 
     code, report = _check(data, capsys=capsys)
     found = {(f["code"], f["path"]) for f in report["findings"]}
