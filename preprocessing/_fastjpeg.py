@@ -36,8 +36,9 @@ _CORES = os.cpu_count() or 1
 #: Pillow decodes it (~30 MiB at 1/8 scale).
 MAX_SCRATCH_BYTES = 64 * 1024 * 1024
 #: Fast decodes allowed at once. Each uses two threads and up to MAX_SCRATCH_BYTES; one more than this
-#: is declined at once and Pillow decodes it (slower, leaner). Two decodes on two cores gain nothing
-#: over one, so: one per two cores.
+#: is declined at once and Pillow decodes it (slower, leaner). One per core: a folder's decode workers
+#: each run a one-thread fast decode on their own core (15 ms against Pillow's 23.5 for 12 MP), so a
+#: cap of one per two cores sent every second worker to Pillow (folder throughput 4.8-6.7x -> 4.1x).
 ENV_IN_FLIGHT = "EDGE_CLASSIFY_FAST_JPEG_IN_FLIGHT"
 #: Scratch memory the decoder keeps between calls (fresh pages cost a page fault each): enough for a
 #: 12 MP photo (~14 MiB on two threads); a bigger frame's buffers are freed when its call returns.
@@ -48,7 +49,7 @@ def _max_in_flight() -> int:
     configured = os.environ.get(ENV_IN_FLIGHT, "")
     if configured.isdigit() and int(configured) >= 1:
         return int(configured)
-    return max(1, _CORES // 2)
+    return max(1, _CORES)
 
 
 MAX_IN_FLIGHT = _max_in_flight()
