@@ -31,7 +31,7 @@ import numpy as np
 
 from ..config import TFServingOptions
 from ..errors import BackendFailedError, BackendUnavailableError, ConfigError
-from .tf_serving import OUTPUT_NAMES
+from .tf_serving import OUTPUT_NAMES, TFServingPredictor
 
 log = logging.getLogger("sync_server.tf_serving_grpc")
 
@@ -352,25 +352,14 @@ class TFServingGrpcClient:
         return BackendFailedError(f"TF Serving refused {what}: {code.name}: {details}")
 
 
-class TFServingGrpcPredictor:
-    """The `Predictor` backed by TF Serving's gRPC API: asks for each version by number."""
+class TFServingGrpcPredictor(TFServingPredictor):
+    """The `Predictor` backed by TF Serving's gRPC API: asks for each version by number (the client
+    has the REST client's methods, so the REST predictor's delegation serves both)."""
 
     kind = "tf_serving_grpc"
 
-    def __init__(self, client: TFServingGrpcClient) -> None:
-        self.client = client
-
-    async def predict(self, name: str, version: int, batch: np.ndarray, *, timeout_s: float | None = None) -> np.ndarray:
-        return await self.client.predict(name, batch, version=version, timeout_s=timeout_s)
-
-    async def model_status(self, name: str) -> dict[int, str]:
-        return await self.client.model_status(name)
-
-    async def ready(self) -> str | None:
-        return await self.client.ping()
-
-    async def aclose(self) -> None:
-        await self.client.aclose()
+    def __init__(self, client: TFServingGrpcClient) -> None:  # type: ignore[override]
+        self.client = client  # type: ignore[assignment]
 
 
 class _NotFound(Exception):
