@@ -22,6 +22,7 @@ from typing import Any, BinaryIO, Sequence
 
 from preprocessing import PreprocessSpec, SpecError
 
+from .claims import Claim, claimed_tempdir
 from .errors import BundleRejectedError, ConfigError, DiskFullError, PayloadTooLargeError
 from .serving_repo import check_warmup, saved_model_digest
 
@@ -253,10 +254,11 @@ def unpack_archive(
     return into
 
 
-def staging_dir(parent: Path) -> Path:
-    """A fresh temporary folder under `parent` (same file system as the data it will become)."""
-    parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix="upload-", dir=parent))
+def staging_dir(parent: Path) -> tuple[Path, Claim]:
+    """A fresh temporary folder under `parent` (same file system as the data it will become), claimed
+    by this process until the caller releases the claim, so `sync-server check` never takes a live
+    upload for a leftover."""
+    return claimed_tempdir(parent, "upload-")
 
 
 def remove_tree(path: Path) -> None:

@@ -9,9 +9,11 @@ Leftovers (removed by `--repair`, and at every server start):
     temp_config        tf-serving/.models.config.* / .state.json.*  a config file not yet renamed
     upload_staging     tmp/upload-*                           an unpacked upload (see below)
 
-Each of the first four is held (`claims`) by the process writing it, so one nobody holds is provably
-left over. Upload folders are not claimed by their makers (yet): one counts as left over once nothing
-in it changed for `upload_grace_s` (default an hour); `--upload-grace 0` once every server is stopped.
+Each is held (`claims`) by the process writing it, so one nobody holds is provably left over, and one
+held is never touched. Upload folders are also judged by age: an unheld one counts as left over once
+nothing in it changed for `upload_grace_s` (default an hour), because a folder made by an older server,
+or by an instance on another machine sharing the data directory (flock is local), holds no claim this
+machine can see; `--upload-grace 0` when no such server runs.
 
 Disagreements (what `--repair` does):
 
@@ -180,12 +182,15 @@ def _leftovers(report: CheckReport, artifacts: ArtifactStore, repository: Servin
             continue
         age = now - _newest_mtime(path)
         if age < options.upload_grace_s:
-            continue  # maybe an upload in progress on some instance
-        finding = Finding("upload_staging", str(path), f"an unpacked upload nothing changed for {age:.0f} s")
-        if repair:
-            _remove(path)
-            finding.repaired = True
-        report.findings.append(finding)
+            continue  # maybe an upload in progress on an instance whose claims this machine cannot see
+        with if_abandoned(path) as abandoned:
+            if not abandoned:
+                continue  # a live upload on this machine
+            finding = Finding("upload_staging", str(path), f"an unpacked upload nothing changed for {age:.0f} s")
+            if repair:
+                _remove(path)
+                finding.repaired = True
+            report.findings.append(finding)
 
 
 def _children(folder: Path) -> list[Path]:

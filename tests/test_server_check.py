@@ -271,3 +271,18 @@ def test_a_check_never_touches_what_a_live_publish_holds(publisher, tmp_path, ca
         assert folder.is_dir() and report["findings"] == [] and code == 0
     code, report = _check(data, "--repair", capsys=capsys)
     assert not folder.exists() and [f["code"] for f in report["findings"]] == ["incoming_folder"]
+
+
+def test_a_live_upload_is_never_taken_for_a_leftover_even_with_no_grace(publisher, tmp_path, capsys):
+    from sync_server.bundles import staging_dir
+
+    data = tmp_path / "data"
+    with running_server(server_config(data, None, publisher)) as server:
+        server.publish_ok(publisher, 1)
+    upload, claim = staging_dir(data / "tmp")  # as a server unpacking a slow upload holds it
+    (upload / "saved_model").mkdir()
+    with claim:
+        code, report = _check(data, "--repair", "--upload-grace", "0", capsys=capsys)
+        assert upload.is_dir() and report["findings"] == [] and code == 0
+    code, report = _check(data, "--repair", "--upload-grace", "0", capsys=capsys)  # its server died
+    assert not upload.exists() and [f["code"] for f in report["findings"]] == ["upload_staging"]

@@ -81,7 +81,7 @@ async def publish(request: Request, state: Services = Depends(auth.services)) ->
         raise BadRequestError(
             f"the publish body must be multipart/form-data with 'bundle' and 'saved_model' files ({exc})", code="bad_upload"
         ) from exc
-    staging = staging_dir(state.config.data_dir / "tmp")
+    staging, claim = staging_dir(state.config.data_dir / "tmp")
     try:
         bundle = form.get("bundle")
         saved_model = form.get("saved_model")
@@ -107,6 +107,7 @@ async def publish(request: Request, state: Services = Depends(auth.services)) ->
     finally:
         await form.close()
         await anyio.to_thread.run_sync(remove_tree, staging)
+        claim.release()
 
 
 async def _publish_dirs(state: Services, bundle_dir: Path, model_dir: Path, channel: str | None) -> JSONResponse:
