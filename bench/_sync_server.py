@@ -24,15 +24,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def sync_server_process(
+def sync_server_started(
     settings: Mapping[str, str],
     log_path: Path,
     *,
     preexec_fn: Callable[[], None] | None = None,
     ready_timeout_s: float = 120.0,
     stop_timeout_s: float = 30.0,
-) -> Iterator[str]:
-    """Run `python -m sync_server serve` with `SYNC_SERVER_*` settings; yields its URL once /readyz is 200."""
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Run `python -m sync_server serve` with `SYNC_SERVER_*` settings; yields (URL, process) once /readyz is 200."""
     port = free_port()
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **settings, "SYNC_SERVER_PORT": str(port)}
     log = open(log_path, "w")
@@ -52,7 +52,7 @@ def sync_server_process(
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the server did not become ready in {ready_timeout_s:.0f} s")
             time.sleep(0.2)
-        yield url
+        yield url, process
     finally:
         process.terminate()
         try:
@@ -60,3 +60,10 @@ def sync_server_process(
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
+
+
+@contextlib.contextmanager
+def sync_server_process(settings: Mapping[str, str], log_path: Path, **options: object) -> Iterator[str]:
+    """`sync_server_started`, yielding only the URL."""
+    with sync_server_started(settings, log_path, **options) as (url, _process):  # type: ignore[arg-type]
+        yield url

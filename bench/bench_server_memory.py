@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +38,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _sync_server import sync_server_started  # noqa: E402
 
 ADMIN = "bench-admin-token-0123456789abcdef"
 SECRET = "bench-enrol-secret-0123456789abcdef"
@@ -118,47 +120,17 @@ PHASES: dict[str, list[tuple[str, int]]] = {
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def server(data_dir: Path, public_key: Path, settings: dict[str, str]) -> Iterator[tuple[str, int]]:
     """`sync-server serve` on a free port; yields (url, pid) once /readyz answers 200."""
-    port = _free_port()
     env = {
-        **os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
         "SYNC_SERVER_DATA_DIR": str(data_dir), "SYNC_SERVER_ADMIN_TOKEN": ADMIN, "SYNC_SERVER_ENROLLMENT_SECRET": SECRET,
-        "SYNC_SERVER_PUBLISHER_KEYS": str(public_key), "SYNC_SERVER_LOG_LEVEL": "warning", "SYNC_SERVER_PORT": str(port),
+        "SYNC_SERVER_PUBLISHER_KEYS": str(public_key), "SYNC_SERVER_LOG_LEVEL": "warning",
         "SYNC_SERVER_THROTTLE": "off",  # one device sends the whole mix: measure memory, not the rate limit
         **settings,
     }
-    log = open(data_dir / "server.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "sync_server", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the server exited with {process.returncode}; see {data_dir / 'server.log'}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError("the server did not become ready in 180 s")
-            time.sleep(0.2)
+    with sync_server_started(env, data_dir / "server.log", ready_timeout_s=180) as (url, process):
         yield url, process.pid
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
 
 
 def memory_mb(pid: int) -> dict[str, float]:
