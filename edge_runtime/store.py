@@ -173,7 +173,7 @@ class ModelStore:
                 return f"{ref}'s {name} is missing"
             if size is not None and found != size:
                 return f"{ref}'s {name} has {found} bytes, its manifest says {size}"
-            if _sha256_of(path) != sha256:
+            if file_sha256(path) != sha256:
                 return f"{ref}'s {name} does not match its manifest's sha256 (damaged on the disk)"
         return None
 
@@ -401,7 +401,8 @@ def _try_link(source: Path, target: Path) -> bool:
     return True
 
 
-def _sha256_of(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file's bytes, read 1 MiB at a time (the store and the downloader check files with it)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(1 << 20):

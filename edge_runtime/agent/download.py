@@ -21,7 +21,6 @@ Bounded, whatever the server does:
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import re
 import shutil
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from .._durable import fsync_dir
+from ..store import file_sha256
 from .client import ServerUnreachableError, Stream, SyncClient, describe
 from .errors import DiskFullError, DownloadError, DownloadSupersededError
 from .options import RetryOptions
@@ -141,7 +141,7 @@ class Downloader:
 
     def _attempt(self, remote: RemoteFile, stats: DownloadStats) -> Path:
         final = self.folder / remote.sha256
-        if final.is_file() and final.stat().st_size == remote.size and _sha256_of(final) == remote.sha256:
+        if final.is_file() and final.stat().st_size == remote.size and file_sha256(final) == remote.sha256:
             return final
         part = self.part_path(remote.sha256)
         offset = part.stat().st_size if part.is_file() else 0
@@ -252,7 +252,7 @@ class Downloader:
 
     def _finish(self, part: Path, final: Path, remote: RemoteFile) -> Path:
         size = part.stat().st_size
-        digest = _sha256_of(part) if size == remote.size else None
+        digest = file_sha256(part) if size == remote.size else None
         if digest != remote.sha256:
             part.unlink(missing_ok=True)
             found = f"sha256 {digest[:12]}…, expected {remote.sha256[:12]}…" if digest else f"{size} bytes, expected {remote.size}"
@@ -334,9 +334,3 @@ def _range_start(header: str | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
