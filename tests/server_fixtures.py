@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import secrets
 import shutil
+import socket
+import subprocess
+import sys
 import threading
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import httpx
 import pytest
@@ -328,3 +332,42 @@ def photo_bytes(dataset: Path, label: str | None = None, index: int = 0) -> byte
 def copy_saved_model(source: Path, target: Path) -> Path:
     shutil.copytree(source, target)
     return target
+
+
+@contextlib.contextmanager
+def serve_process(
+    args: Sequence[str],
+    log_path: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    ready_path: str = "/readyz",
+    ready_timeout_s: float = 120.0,
+    preexec_fn: Callable[[], None] | None = None,
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`python -m sync_server serve --port P ARGS` in its own process (environment: ours plus `env`);
+    yields (url, process) once `ready_path` answers 200, and stops it afterwards."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "sync_server", "serve", "--port", str(port), *args]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}, stdout=log,
+                                   stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent, preexec_fn=preexec_fn)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            assert process.poll() is None, f"the server exited with {process.returncode}: {log_path.read_text()[-2000:]}"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + ready_path, timeout=1).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "the server did not become ready"
+            time.sleep(0.1)
+        yield url, process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -6,10 +6,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import io
-import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -17,9 +13,8 @@ from typing import Iterator
 import httpx
 from PIL import Image
 
-from tests.server_fixtures import ADMIN_TOKEN, ENROLLMENT_SECRET, MODEL, publisher  # noqa: F401
+from tests.server_fixtures import ADMIN_TOKEN, ENROLLMENT_SECRET, MODEL, publisher, serve_process  # noqa: F401
 
-ROOT = Path(__file__).resolve().parent.parent
 BUDGET_MB = 160
 MARGIN_MB = 100  # request bodies, threads' stacks, the model's tensors, allocator slack
 
@@ -54,37 +49,15 @@ def _status(pid: int) -> dict[str, float]:
 
 @contextlib.contextmanager
 def server_process(data_dir: Path, public_key: Path, **settings: str) -> Iterator[tuple[str, int]]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     env = {
-        **os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "SYNC_SERVER_DATA_DIR": str(data_dir), "SYNC_SERVER_PORT": str(port),
-        "SYNC_SERVER_ADMIN_TOKEN": ADMIN_TOKEN, "SYNC_SERVER_ENROLLMENT_SECRET": ENROLLMENT_SECRET,
-        "SYNC_SERVER_PUBLISHER_KEYS": str(public_key), "SYNC_SERVER_LOG_LEVEL": "warning",
+        "SYNC_SERVER_DATA_DIR": str(data_dir), "SYNC_SERVER_ADMIN_TOKEN": ADMIN_TOKEN,
+        "SYNC_SERVER_ENROLLMENT_SECRET": ENROLLMENT_SECRET, "SYNC_SERVER_PUBLISHER_KEYS": str(public_key),
+        "SYNC_SERVER_LOG_LEVEL": "warning",
         "SYNC_SERVER_THROTTLE": "off",  # one device sends the whole burst: this is about memory, not rate limits
         **{f"SYNC_SERVER_{k.upper()}": v for k, v in settings.items()},
     }
-    log = data_dir / "server.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "sync_server", "serve"], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, f"the server exited: {log.read_text()[-2000:]}"
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, "the server did not become ready"
-            time.sleep(0.2)
+    with serve_process([], data_dir / "server.log", env=env) as (url, process):
         yield url, process.pid
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def test_big_pictures_get_clear_answers_and_the_server_stays_under_its_memory_bound(publisher, chelsea, tmp_path):  # noqa: F811

@@ -9,13 +9,11 @@ not flood its log when the descriptors do run out.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import resource
 import select
 import socket
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,11 +21,9 @@ from pathlib import Path
 from typing import Iterator
 
 import httpx
-import pytest
 
-from tests.server_fixtures import ADMIN_TOKEN, ENROLLMENT_SECRET
+from tests.server_fixtures import ADMIN_TOKEN, ENROLLMENT_SECRET, serve_process
 
-ROOT = Path(__file__).resolve().parent.parent
 
 #: Descriptors the server process may open (soft and hard: it cannot raise them).
 NOFILE = 160
@@ -35,12 +31,6 @@ NOFILE = 160
 SLOW = 200
 HEADER_TIMEOUT_S = 2.0
 BODY_TIMEOUT_S = 2.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _limit_descriptors() -> None:
@@ -71,33 +61,12 @@ class ServerProcess:
 @contextlib.contextmanager
 def sync_server(tmp_path: Path, *flags: str) -> Iterator[ServerProcess]:
     """`python -m sync_server serve` on a free port, limited to NOFILE descriptors."""
-    port = _free_port()
     log_path = tmp_path / "server.log"
-    env = {**os.environ, "SYNC_SERVER_EMBEDDED_PRELOAD": "off"}
-    command = [
-        sys.executable, "-m", "sync_server", "serve", "--data-dir", str(tmp_path / "data"), "--port", str(port),
-        "--admin-token", ADMIN_TOKEN, "--enrollment-secret", ENROLLMENT_SECRET, "--log-level", "warning", *flags,
-    ]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, preexec_fn=_limit_descriptors)
-    server = ServerProcess(f"http://127.0.0.1:{port}", port, log_path, process)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, f"the server exited with {process.returncode}: {log_path.read_text()[-2000:]}"
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(server.url + "/healthz", timeout=1).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.1)
-        yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    args = ["--data-dir", str(tmp_path / "data"), "--admin-token", ADMIN_TOKEN, "--enrollment-secret", ENROLLMENT_SECRET,
+            "--log-level", "warning", *flags]
+    with serve_process(args, log_path, env={"SYNC_SERVER_EMBEDDED_PRELOAD": "off"}, ready_path="/healthz",
+                       ready_timeout_s=60, preexec_fn=_limit_descriptors) as (url, process):
+        yield ServerProcess(url, int(url.rsplit(":", 1)[1]), log_path, process)
 
 
 @dataclass
