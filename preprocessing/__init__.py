@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._prepare import normalise, prepare, preprocess, preprocess_pixels
     from ._sniff import ACCEPTED_FORMATS, sniff_format
     from ._spec import DTYPES, FIT_POLICIES, RESIZE_FILTERS, PreprocessSpec
+    from ._stats import InputStats, mean_shift
 
 # Private module -> the public names it defines.
 _EXPORTS: dict[str, tuple[str, ...]] = {
@@ -32,6 +33,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "_prepare": ("normalise", "prepare", "preprocess", "preprocess_pixels"),
     "_sniff": ("ACCEPTED_FORMATS", "sniff_format"),
     "_spec": ("DTYPES", "FIT_POLICIES", "RESIZE_FILTERS", "PreprocessSpec"),
+    "_stats": ("InputStats", "mean_shift"),
 }
 __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 
@@ -48,6 +50,7 @@ __all__ = [
     "ERROR_CODES",
     "FIT_POLICIES",
     "ImageSource",
+    "InputStats",
     "InvalidImageError",
     "LabeledImages",
     "PreprocessSpec",
@@ -57,6 +60,7 @@ __all__ = [
     "list_images",
     "list_labeled_images",
     "load_image",
+    "mean_shift",
     "normalise",
     "prepare",
     "preprocess",
