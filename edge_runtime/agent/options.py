@@ -94,6 +94,28 @@ class ServeOptions:
 
 
 @dataclass(frozen=True)
+class ShadowOptions:
+    """Whether and when this device runs a candidate in shadow beside the version it serves.
+
+    A shadow version is downloaded, verified and loaded (one interpreter thread) only while the disk
+    keeps `min_free_bytes` free after it and its model file is at most `max_model_bytes`; the
+    resource-preserving policy never loads a second model. Sampled requests wait in a queue of
+    `queue_size` photos for the one low-priority shadow thread; when it is full they are dropped (counted).
+    """
+
+    enabled: bool = True
+    min_free_bytes: int = 64 * 1024 * 1024
+    max_model_bytes: int = 256 * 1024 * 1024
+    queue_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.min_free_bytes < 0 or isinstance(self.min_free_bytes, bool):
+            raise ValueError(f"the free disk a shadow version must leave must be >= 0 bytes, got {self.min_free_bytes!r}")
+        _positive(self.max_model_bytes, "the largest shadow model")
+        _positive(self.queue_size, "the shadow queue size")
+
+
+@dataclass(frozen=True)
 class AgentOptions:
     """How the agent runs. `home` is the device's model store (default `$EDGE_CLASSIFY_HOME`); the
     agent's own files live in `home/agent/` and partial downloads in `home/downloads/`."""
@@ -112,6 +134,7 @@ class AgentOptions:
     telemetry_period_s: float = 60.0
     outbox_max_rows: int = 100_000
     threads: int | None = None  # interpreter threads
+    shadow: ShadowOptions = field(default_factory=ShadowOptions)
 
     def __post_init__(self) -> None:
         if self.home is not None:
