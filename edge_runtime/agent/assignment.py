@@ -4,6 +4,10 @@ The server's JSON is hostile until checked: `Assignment.from_json` (and `parse_a
 bytes) turn it into typed objects or raise `InvalidAssignmentError` (a `ValueError`) naming what is
 wrong, and nothing else: a list where an object belongs, a string size, a path trick, a nesting that
 blows the parser's stack. Whatever it was, the follower refuses it with that reason and goes on.
+
+The optional `shadow` part (a candidate to run beside the served version, off the request path) is
+checked the same way, but a malformed one never costs the device its served version: the assignment
+is kept without it, and `shadow_problem` says why the shadow part was ignored (the manager reports it).
 """
 
 from __future__ import annotations
@@ -32,6 +36,43 @@ class InvalidAssignmentError(ValueError):
 
 
 @dataclass(frozen=True)
+class ShadowAssignment:
+    """A candidate version to run on `sample_rate` of the requests beside the served one (never served)."""
+
+    version: int
+    files: dict[str, RemoteFile]
+    sample_rate: float
+
+    @classmethod
+    def from_json(cls, data: Any, serving: int | None) -> "ShadowAssignment | None":
+        """Check the assignment's `shadow` value (None: no shadow); `InvalidAssignmentError` says what is wrong."""
+        if data is None:
+            return None
+        if not isinstance(data, dict):
+            raise InvalidAssignmentError(f"the assignment's shadow is {_kind(data)}, not an object")
+        version = data.get("version")
+        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version < 2**31:
+            raise InvalidAssignmentError(f"the shadow's version {_show(version)} is not a positive integer")
+        if version == serving:
+            raise InvalidAssignmentError(f"the shadow's version {version} is the version served", version)
+        rate = data.get("sample_rate")
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
+            raise InvalidAssignmentError(f"the shadow's sample rate {_show(rate)} is not a number in 0..1", version)
+        raw_files = data.get("files")
+        if not isinstance(raw_files, dict):
+            raise InvalidAssignmentError(f"the shadow's files are {_kind(raw_files)}, not an object of name: file", version)
+        files: dict[str, RemoteFile] = {}
+        for name, item in raw_files.items():
+            if name not in BUNDLE_FILES:
+                raise InvalidAssignmentError(f"the shadow lists an unexpected file {_show(name)}", version)
+            files[name] = _remote_file(name, item, version)
+        for needed in ("model.tflite", "manifest.json", "labels.txt"):
+            if needed not in files:
+                raise InvalidAssignmentError(f"the shadow version {version} lists no {needed}", version)
+        return cls(version, files, float(rate))
+
+
+@dataclass(frozen=True)
 class Assignment:
     """The server's answer to "what should I run?" (`GET .../assignment` or an `assignment` event)."""
 
@@ -40,10 +81,17 @@ class Assignment:
     files: dict[str, RemoteFile]
     rollout: bool = False
     etag: str | None = None
+    shadow: ShadowAssignment | None = None
+    #: Why the server's `shadow` part was ignored, and its version when that much could be read.
+    shadow_problem: tuple[int | None, str] | None = None
 
     @property
     def ref(self) -> ModelRef | None:
         return ModelRef(self.model, self.version) if self.version is not None else None
+
+    @property
+    def shadow_ref(self) -> ModelRef | None:
+        return ModelRef(self.model, self.shadow.version) if self.shadow is not None else None
 
     @classmethod
     def from_json(cls, data: Any, etag: str | None = None) -> "Assignment":
@@ -75,7 +123,12 @@ class Assignment:
             raise InvalidAssignmentError(f"the assignment's rollout flag {_show(rollout)} is not true or false", version)
         if etag is not None and (not isinstance(etag, str) or len(etag) > 200):
             raise InvalidAssignmentError("the assignment's ETag is longer than 200 characters", version)
-        return cls(model, version, files, bool(rollout), etag)
+        shadow, problem = None, None
+        try:
+            shadow = ShadowAssignment.from_json(data.get("shadow"), version)
+        except InvalidAssignmentError as exc:  # a broken shadow part never costs the served version
+            problem = (exc.version, str(exc))
+        return cls(model, version, files, bool(rollout), etag, shadow, problem)
 
 
 def parse_assignment(raw: str | bytes, etag: str | None = None) -> Assignment:
