@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from preprocessing import DEFAULT_BUDGET, DecodeBudget, ImageSource, PreprocessSpec, preprocess
+from preprocessing import DEFAULT_BUDGET, DecodeBudget, ImageSource, PreprocessSpec, normalise, preprocess, preprocess_pixels
 
 from . import backends
 from ._memory import keep_freed_memory
@@ -183,6 +183,15 @@ class Classifier:
     def prepare(self, source: ImageSource) -> np.ndarray:
         """Decode and prepare a photo with this model's spec (thread-safe; no interpreter needed)."""
         return preprocess(source, self.bundle.spec, budget=self.decode_budget)
+
+    def prepare_pixels(self, source: ImageSource) -> np.ndarray:
+        """The same decode and fit as `prepare`, stopping before normalisation: uint8 `spec.pixel_shape`
+        (the same budget, limits and errors). `normalise(prepare_pixels(s))` equals `prepare(s)`."""
+        return preprocess_pixels(source, self.bundle.spec, budget=self.decode_budget)
+
+    def normalise(self, pixels: np.ndarray) -> np.ndarray:
+        """The model input for pixels from `prepare_pixels` (scale, mean, std, int8/uint8 quantization)."""
+        return normalise(pixels, self.bundle.spec)
 
     def run(self, prepared: np.ndarray) -> tuple[Category, ...]:
         """The top-k categories of one prepared photo."""

@@ -227,7 +227,7 @@ def test_an_unsure_photo_asks_the_server_within_its_timeout_and_keeps_the_edge_a
     assert status == 200 and result.label == "mug" and result.source == "edge" and result.model_version == 4
     assert result.fallback.startswith("unavailable: the server is unreachable")
     assert [c.label for c in result.categories] == ["mug"]
-    assert recorded[0][0][:2] == (4, 0.41) and recorded[0][1] == {"fallback": True} and health == [False]
+    assert recorded[0][0][:2] == (4, 0.41) and recorded[0][1]["fallback"] is True and recorded[0][1]["low_confidence"] is True and health == [False]
 
     handle.swap(None)
     status, result = classify(b"photo", None, 3, "auto")

@@ -105,6 +105,30 @@ def _parse_marker(raw: bytes) -> list[tuple[ModelRef, str]]:
 NO_MARKER = CallMarker()
 
 
+class Classified(tuple):
+    """What `Servable.classify` returns: the pair (categories, milliseconds), as before, plus the fitted
+    uint8 pixels the model ran and the top-1 label's index. Servables that return a plain pair (tests'
+    doubles) still work: callers read the extras with `getattr(result, "pixels", None)`."""
+
+    pixels: np.ndarray | None
+    label_index: int | None
+
+    def __new__(cls, categories: tuple[Category, ...], ms: float, pixels: np.ndarray | None = None,
+                label_index: int | None = None) -> "Classified":
+        self = super().__new__(cls, (categories, ms))
+        self.pixels = pixels
+        self.label_index = label_index
+        return self
+
+    @property
+    def categories(self) -> tuple[Category, ...]:
+        return self[0]
+
+    @property
+    def ms(self) -> float:
+        return self[1]
+
+
 class Servable:
     """A loaded model version that the local API classifies with."""
 
@@ -127,14 +151,17 @@ class Servable:
     def threshold(self) -> float:
         return self.classifier.threshold
 
-    def classify(self, data: bytes, top_k: int) -> tuple[tuple[Category, ...], float]:
-        """Top-k categories of a photo and the milliseconds taken. A bad photo raises
-        `InvalidImageError`; anything else raised is a failure of the model."""
+    def classify(self, data: bytes, top_k: int) -> "Classified":
+        """Top-k categories of a photo and the milliseconds taken (a pair), with the fitted pixels the
+        model ran (`.pixels`, decoded once) and the top-1 label's index (`.label_index`). A bad photo
+        raises `InvalidImageError`; anything else raised is a failure of the model."""
         started = time.perf_counter()
-        prepared = self.classifier.prepare(data)
+        pixels = self.classifier.prepare_pixels(data)
+        prepared = self.classifier.normalise(pixels)
         with self.marker.inside(self.ref, "invoke"):
             categories = self.classifier.run(prepared)
-        return categories[:top_k], (time.perf_counter() - started) * 1000
+        index = self._index.get(categories[0].label) if categories else None
+        return Classified(categories[:top_k], (time.perf_counter() - started) * 1000, pixels, index)
 
     def predict(self, prepared: np.ndarray) -> np.ndarray:
         """Probabilities in label order (what `converter.smoke.run_smoke_test` replays)."""

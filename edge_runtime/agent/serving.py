@@ -21,13 +21,16 @@ import socket
 import threading
 import time
 import urllib.parse
+from dataclasses import dataclass
 from email.parser import BytesParser
 from email.policy import HTTP
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 from typing import Any, Callable
 
-from preprocessing import DecodeBusyError, InvalidImageError, PreprocessSpec, preprocess_pixels
+import numpy as np
+
+from preprocessing import DecodeBusyError, InvalidImageError, PreprocessSpec
 
 from ..fallback import FallbackClient
 from ..pipeline import ask_server_if_unsure, pixel_payload
@@ -41,8 +44,27 @@ log = logging.getLogger("edge_agent.http")
 Recorder = Callable[..., None]
 
 
+@dataclass(frozen=True)
+class ClassifiedPhoto:
+    """One photo the serving version classified on the edge, as `Classify(on_classified=...)` hands it on
+    (after the answer is made; the shadow runner replays `pixels` on a candidate off the request path)."""
+
+    ref: ModelRef
+    pixels: np.ndarray  # the fitted uint8 pixels the model ran (`preprocess_pixels(photo, spec)`); do not modify
+    spec: PreprocessSpec
+    label: str
+    label_index: int | None
+    score: float
+
+
 class Classify:
-    """One photo through the current version (and the server's full model when unsure)."""
+    """One photo through the current version (and the server's full model when unsure).
+
+    The photo is decoded once: the fitted pixels the model ran also go to the server (when it is
+    asked and takes pixels), into the telemetry's input statistics, to `on_classified` and to `keep`.
+    `on_classified` and `keep` run after the answer is made; anything they raise is logged, never
+    answered. `keep(photo, data)` is offered every low-confidence edge answer (the opt-in sample store).
+    """
 
     def __init__(
         self,
@@ -53,6 +75,8 @@ class Classify:
         record: Recorder,
         health: Callable[..., None],
         updating: Callable[[], bool] = lambda: False,
+        on_classified: Callable[[ClassifiedPhoto], None] | None = None,
+        keep: Callable[[ClassifiedPhoto, bytes], None] | None = None,
     ) -> None:
         self.handle = handle
         self.options = options
@@ -60,6 +84,8 @@ class Classify:
         self.record = record
         self.health = health
         self.updating = updating
+        self.on_classified = on_classified
+        self.keep = keep
 
     def __call__(self, data: bytes, path: str | None, top_k: int, mode: str) -> tuple[int, Classification]:
         started = time.perf_counter()
@@ -73,7 +99,7 @@ class Classify:
             ref, threshold = servable.ref, servable.threshold
             spec = getattr(getattr(servable, "classifier", None), "spec", None)  # for the pixels the server gets
             try:
-                categories, _ = servable.classify(data, top_k)
+                answer = servable.classify(data, top_k)
             except DecodeBusyError as exc:  # other photos hold the decode budget: not the model's fault
                 return 503, Classification(path, model_name=ref.name, model_version=ref.version,
                                            latency_ms=_ms(started), error=exc.to_dict())
@@ -87,26 +113,46 @@ class Classify:
                 log.warning("%s failed on a photo: %s", ref, exc)
                 return 500, Classification(path, model_name=ref.name, model_version=ref.version, latency_ms=ms,
                                            error={"code": "model_error", "message": f"{ref} failed: {exc}"})
+        categories = answer[0]
+        pixels = getattr(answer, "pixels", None)  # a servable that returns a plain pair has none
+        label_index = getattr(answer, "label_index", None)
         edge = Classification(path, categories, ref.name, ref.version, "edge", _ms(started))
-        result = self._maybe_ask_server(edge, data, ref, top_k, mode, threshold, spec)
+        if self.options.fallback_threshold is not None:
+            threshold = self.options.fallback_threshold
+        result = self._maybe_ask_server(edge, data, ref, top_k, mode, threshold, spec, pixels)
         self.health(ref, error=False)
         asked = result.fallback is not None and not result.fallback.startswith("skipped")
-        self.record(ref.version, edge.score, result.latency_ms, fallback=asked)
+        unsure = edge.score is not None and edge.score < threshold
+        disagrees = result.label != edge.label if result.fallback == "answered" else None
+        self.record(ref.version, edge.score, result.latency_ms, fallback=asked, label_index=label_index,
+                    low_confidence=unsure, server_disagrees=disagrees, pixels=pixels)
+        if pixels is not None and spec is not None and edge.label is not None and (self.on_classified or (unsure and self.keep)):
+            photo = ClassifiedPhoto(ref, pixels, spec, edge.label, label_index, float(edge.score))  # type: ignore[arg-type]
+            self._hand_on(photo, data, unsure)
         return 200, result
 
+    def _hand_on(self, photo: ClassifiedPhoto, data: bytes, unsure: bool) -> None:
+        """The hooks, after the answer: never let one fail the request."""
+        if self.on_classified is not None:
+            try:
+                self.on_classified(photo)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("on_classified failed after %s classified a photo: %s", photo.ref, exc)
+        if unsure and self.keep is not None:
+            try:
+                self.keep(photo, data)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("keeping a low-confidence photo of %s failed: %s", photo.ref, exc)
+
     def _maybe_ask_server(self, edge: Classification, data: bytes, ref: ModelRef, top_k: int, mode: str, threshold: float,
-                          spec: PreprocessSpec | None = None) -> Classification:
-        threshold = self.options.fallback_threshold if self.options.fallback_threshold is not None else threshold
+                          spec: PreprocessSpec | None = None, fitted: np.ndarray | None = None) -> Classification:
         asked_as = SimpleNamespace(name=ref.name, version=ref.version, options=SimpleNamespace(top_k=top_k))
 
-        def pixels():  # type: ignore[no-untyped-def]  # only when the server is asked: the same decode and fit again
-            try:
-                return pixel_payload(preprocess_pixels(data, spec), spec)  # type: ignore[arg-type]
-            except (DecodeBusyError, InvalidImageError):  # no room to decode again now: the photo goes instead
-                return None
+        def pixels():  # type: ignore[no-untyped-def]  # only when the server is asked: the pixels the model ran
+            return pixel_payload(fitted, spec)  # type: ignore[arg-type]
 
         return ask_server_if_unsure(edge, data, asked_as, mode, self.fallback, threshold,  # type: ignore[arg-type]
-                                    pixels if spec is not None else None)
+                                    pixels if spec is not None and fitted is not None else None)
 
 
 class LocalApi:
