@@ -52,6 +52,7 @@ def create_app(config: ServerConfig, *, predictor: Predictor | None = None) -> F
     errors.install(app)
     for router in (devices.router, predict.router, admin.router, artifacts.router, ops.router):
         app.include_router(router)
+    _install_dashboard(app)
     services.metrics.add_state(ops.state_gauges(services))
     services.metrics.add_state(last_seen_metrics(services.devices))
     app.add_middleware(JsonBodyLimitMiddleware, limit=services.config.limits.max_json_bytes)
@@ -62,6 +63,18 @@ def create_app(config: ServerConfig, *, predictor: Predictor | None = None) -> F
                            on_throttled=lambda scope: services.metrics.throttled.labels(scope).inc())
     app.add_middleware(RequestLogMiddleware, services=services)
     return app
+
+
+def _install_dashboard(app: FastAPI) -> None:
+    """The operators' dashboard under /dashboard (sync_server/dashboard); it needs Jinja2 (the `server` extra)."""
+    try:
+        import jinja2  # noqa: F401
+    except ImportError as exc:
+        logging.getLogger("sync_server").warning("no dashboard: %s (install edge-classify[server])", exc)
+        return
+    from .dashboard import install
+
+    install(app)
 
 
 class JsonBodyLimitMiddleware:
