@@ -116,6 +116,20 @@ class ShadowOptions:
 
 
 @dataclass(frozen=True)
+class SampleOptions:
+    """Opt-in: keep the photos answered below the confidence threshold, for the next training set
+    (see `samples.py`). `folder` None: off (the default); `max_bytes` bounds the folder (oldest dropped)."""
+
+    folder: Path | None = None
+    max_bytes: int = 100 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if self.folder is not None:
+            object.__setattr__(self, "folder", Path(self.folder).expanduser())
+        _positive(self.max_bytes, "the sample folder's byte budget")
+
+
+@dataclass(frozen=True)
 class AgentOptions:
     """How the agent runs. `home` is the device's model store (default `$EDGE_CLASSIFY_HOME`); the
     agent's own files live in `home/agent/` and partial downloads in `home/downloads/`."""
@@ -135,6 +149,7 @@ class AgentOptions:
     outbox_max_rows: int = 100_000
     threads: int | None = None  # interpreter threads
     shadow: ShadowOptions = field(default_factory=ShadowOptions)
+    samples: SampleOptions = field(default_factory=SampleOptions)  # keep low-confidence photos (off by default)
 
     def __post_init__(self) -> None:
         if self.home is not None:
