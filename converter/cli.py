@@ -183,10 +183,12 @@ def _run_convert(args: argparse.Namespace) -> int:
     signed = f"signed by key {m.signing['key_id']}" if m.signing else "UNSIGNED: devices will refuse it"
     print(f"bundle {result.bundle}: {m.name} version {m.version}, {m.quantization}, "
           f"model.tflite {m.model_size / 1024:.1f} KiB, {signed}")
-    from .report import format_gpu, format_validation
+    from .report import format_baseline, format_gpu, format_validation
 
     if result.validation is not None:
         print(format_validation(result.validation, m.quantization))
+    if m.baseline is not None:
+        print(format_baseline(m.baseline, m.labels))
     else:
         print("validation skipped (--skip-validation): the agreement gate did not run")
     if result.gpu is not None:
@@ -213,6 +215,7 @@ def _result_json(result: Any) -> dict[str, Any]:
         "output": m.output.to_dict(),
         "signing": m.signing,
         "validation": None if result.validation is None else result.validation.to_dict(),
+        "baseline": None if m.baseline is None else m.baseline.to_dict(),
         "gpu": None if result.gpu is None else result.gpu.to_dict(),
         "serving_path": None if result.serving_path is None else str(result.serving_path),
         "smoke_test": [{"label": c.expected_label, "source": c.source} for c in m.smoke_test.cases],

@@ -15,6 +15,7 @@ from typing import Any
 
 from preprocessing import PreprocessSpec, SpecError
 
+from .baseline import Baseline
 from .errors import BundleFormatError
 from .report import GpuReport, ValidationReport
 
@@ -117,6 +118,9 @@ class Manifest:
     source: dict[str, Any] = field(default_factory=dict)
     validation: ValidationReport | None = None
     gpu: GpuReport | None = None
+    #: What the converted model answered on the validation photos (None: validation skipped, or an
+    #: older bundle); devices and the server measure drift against it.
+    baseline: Baseline | None = None
     serving: dict[str, Any] | None = None
     converter: dict[str, Any] = field(default_factory=dict)
     #: {"algorithm": "Ed25519", "key_id": ...} of the key that signs it, or None for an unsigned bundle.
@@ -143,6 +147,7 @@ class Manifest:
             "source": self.source,
             "validation": None if self.validation is None else self.validation.to_dict(),
             "gpu": None if self.gpu is None else self.gpu.to_dict(),
+            "baseline": None if self.baseline is None else self.baseline.to_dict(),
             "serving": self.serving,
             "converter": self.converter,
             "signing": self.signing,
@@ -189,6 +194,7 @@ class Manifest:
                 source=dict(doc.get("source") or {}),
                 validation=None if doc.get("validation") is None else ValidationReport.from_dict(doc["validation"]),
                 gpu=None if doc.get("gpu") is None else GpuReport.from_dict(doc["gpu"]),
+                baseline=_baseline(doc),
                 serving=doc.get("serving"),
                 converter=dict(doc.get("converter") or {}),
                 signing=doc.get("signing"),
@@ -199,3 +205,15 @@ class Manifest:
         except (KeyError, TypeError, ValueError) as exc:
             missing = f"field {exc}" if isinstance(exc, KeyError) else str(exc)
             raise BundleFormatError(f"manifest.json is malformed ({missing})") from exc
+
+
+def _baseline(doc: dict[str, Any]) -> Baseline | None:
+    """The "baseline" entry (absent in bundles older than it, or null when validation was skipped)."""
+    if doc.get("baseline") is None:
+        return None
+    baseline = Baseline.from_dict(doc["baseline"])
+    if len(baseline.class_counts) != len(doc["labels"]):
+        raise BundleFormatError(
+            f"manifest.json baseline has {len(baseline.class_counts)} class_counts for {len(doc['labels'])} labels"
+        )
+    return baseline

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from preprocessing import DatasetError, LabeledImages, PreprocessSpec, list_images, list_labeled_images
 
+from .baseline import Baseline
 from .bundle import LABELS_FILE, MODEL_FILE, check_destination, labels_text, sha256_hex, write_bundle
 from .errors import DataError, ValidationGateError
 from .gpu import check_gpu_compatibility
@@ -94,11 +95,13 @@ def _convert(saved_model: Path, options: ConvertOptions, terminal: IO[str] | Non
     with LiteClassifier(model, threads=v.threads) as lite:
         lite_spec = _lite_spec(source.spec, lite.input)
         gpu = check_gpu_compatibility(model) if options.target == "gpu" else None
-        report = None
+        report: ValidationReport | None = None
+        baseline: Baseline | None = None
         if photos is not None:
-            report = validate(source, lite, lite_spec, photos, v, tflite_size=len(model),
-                              confidence_threshold=options.confidence_threshold,
-                              show_progress=options.show_progress, progress_file=terminal)
+            run = validate(source, lite, lite_spec, photos, v, tflite_size=len(model),
+                           confidence_threshold=options.confidence_threshold,
+                           show_progress=options.show_progress, progress_file=terminal)
+            report, baseline = run.report, run.baseline
             if not report.passed:
                 raise ValidationGateError(
                     f"conversion refused, no bundle written: {'; '.join(report.failures)}", report
@@ -129,6 +132,7 @@ def _convert(saved_model: Path, options: ConvertOptions, terminal: IO[str] | Non
             source=_source_record(source),
             validation=report,
             gpu=gpu,
+            baseline=baseline,
             serving=_serving_record(name, version, warmup) if options.serving_repo is not None else None,
             converter=_versions(converted.calibration_photos),
             signing={"algorithm": "Ed25519", "key_id": key_id(sign_key)} if sign_key is not None else None,

@@ -7,7 +7,10 @@ printed by `edge-convert` as text or, with `--json`, as JSON.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .baseline import Baseline
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,20 @@ def format_validation(report: ValidationReport, quantization: str = "") -> str:
             f"{c.agreement:>10.0%}{flag}"
         )
     return "\n".join(lines)
+
+
+def format_baseline(baseline: "Baseline", labels: tuple[str, ...]) -> str:
+    """The bundle's baseline in one line: what devices and the server measure drift against."""
+    top = max(range(len(baseline.class_counts)), key=baseline.class_counts.__getitem__) if baseline.class_counts else None
+    share = baseline.class_counts[top] / max(1, baseline.images) if top is not None else 0.0
+    largest = f"'{labels[top]}' {share:.0%}" if top is not None and top < len(labels) else "none"
+    spread = ", ".join(f"{m:.1f}±{s:.1f}" for m, s in zip(baseline.input.mean, baseline.input.std))
+    predicted = sum(1 for c in baseline.class_counts if c)
+    return (
+        f"baseline (signed, for drift): {baseline.images} photos, {baseline.low_confidence_rate:.0%} below "
+        f"confidence {baseline.confidence_threshold:.2f}; {predicted} of {len(baseline.class_counts)} labels "
+        f"predicted, largest {largest}; input mean±std per channel {spread}"
+    )
 
 
 def format_gpu(report: GpuReport) -> str:

@@ -1,18 +1,22 @@
 """The agreement gate: the converted model against its SavedModel on labelled validation photos.
 
-Each photo is decoded once and prepared with both specs (float for the SavedModel, the bundle's spec
-for the TFLite model: integer for int8), exactly as `preprocess` does on a device.
+Each photo is decoded and fitted once, then normalised with both specs (float for the SavedModel, the
+bundle's spec for the TFLite model: integer for int8), exactly as `preprocess` does on a device. The
+run also measures the bundle's baseline (`converter.baseline`): the converted model's answers and the
+input statistics of the fitted pixels, the same `InputStats` a device reports.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import IO, Sequence
 
 import numpy as np
 
-from preprocessing import InvalidImageError, LabeledImages, PreprocessSpec, load_image, prepare
+from preprocessing import InputStats, InvalidImageError, LabeledImages, PreprocessSpec, fit_pixels, load_image, normalise
 
+from .baseline import Baseline, measure_baseline
 from .errors import DataError, ModelContractError
 from .lite_model import LiteClassifier
 from .options import ValidationOptions
@@ -21,6 +25,14 @@ from .report import ClassAgreement, ModelScore, ValidationReport
 from .saved_model import SavedModelClassifier
 
 _BATCH = 32
+
+
+@dataclass(frozen=True)
+class ValidationRun:
+    """What `validate` measured: the agreement report (the gate) and the bundle's baseline."""
+
+    report: ValidationReport
+    baseline: Baseline
 
 
 def validate(
@@ -34,8 +46,9 @@ def validate(
     confidence_threshold: float,
     show_progress: bool = False,
     progress_file: IO[str] | None = None,
-) -> ValidationReport:
-    """Run both models on every photo and measure accuracy, agreement, probability drift and latency."""
+) -> ValidationRun:
+    """Run both models on every photo and measure accuracy, agreement, probability drift, latency and
+    the baseline."""
     float_spec = source.spec
     n = len(photos)
     saved = np.zeros((n, source.num_classes), np.float32)
@@ -44,14 +57,17 @@ def validate(
     pending: list[tuple[int, np.ndarray]] = []
     latency_inputs: list[np.ndarray] = []
     draft = float_spec.size if float_spec.jpeg_draft else None
+    input_stats = InputStats()
     for i, path in enumerate(progress(photos.paths, total=n, desc="validating", enabled=show_progress,
                                           file=progress_file)):
         try:
             pixels = load_image(path, draft_size=draft)
         except InvalidImageError as exc:
             raise DataError(f"validation photo {path} cannot be used: {exc}") from exc
-        x_float = prepare(pixels, float_spec)
-        x_lite = x_float if lite_spec == float_spec else prepare(pixels, lite_spec)
+        fitted = fit_pixels(pixels, float_spec)  # lite_spec differs in dtype only: the same pixels
+        input_stats.add(fitted)
+        x_float = normalise(fitted, float_spec)
+        x_lite = x_float if lite_spec == float_spec else normalise(fitted, lite_spec)
         started = time.perf_counter()
         converted[i] = lite.predict(x_lite)
         lite_seconds.append(time.perf_counter() - started)
@@ -63,12 +79,13 @@ def validate(
     _run_batch(source, pending, saved)
     _check_probabilities(saved, source)
     saved_seconds = _saved_model_latency(source, latency_inputs)
-    return _report(
+    report = _report(
         photos, saved, converted, options,
         saved_model=_score(saved, photos.targets, source.size_bytes, saved_seconds),
         tflite=_score(converted, photos.targets, tflite_size, lite_seconds[1:] or lite_seconds),
         confidence_threshold=confidence_threshold,
     )
+    return ValidationRun(report, measure_baseline(converted, saved, photos.targets, confidence_threshold, input_stats))
 
 
 def _run_batch(source: SavedModelClassifier, pending: list[tuple[int, np.ndarray]], out: np.ndarray) -> None:

@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._decode import DEFAULT_LIMITS, DecodeLimits, ImageSource, load_image, read_source
     from ._errors import ERROR_CODES, DecodeBusyError, InvalidImageError, PreprocessingError, SpecError
     from ._folders import DatasetError, LabeledImages, list_images, list_labeled_images, read_labels
-    from ._prepare import normalise, prepare, preprocess, preprocess_pixels
+    from ._prepare import fit_pixels, normalise, prepare, preprocess, preprocess_pixels
     from ._sniff import ACCEPTED_FORMATS, sniff_format
     from ._spec import DTYPES, FIT_POLICIES, RESIZE_FILTERS, PreprocessSpec
     from ._stats import InputStats, mean_shift
@@ -30,7 +30,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "_decode": ("DEFAULT_LIMITS", "DecodeLimits", "ImageSource", "load_image", "read_source"),
     "_errors": ("ERROR_CODES", "DecodeBusyError", "InvalidImageError", "PreprocessingError", "SpecError"),
     "_folders": ("DatasetError", "LabeledImages", "list_images", "list_labeled_images", "read_labels"),
-    "_prepare": ("normalise", "prepare", "preprocess", "preprocess_pixels"),
+    "_prepare": ("fit_pixels", "normalise", "prepare", "preprocess", "preprocess_pixels"),
     "_sniff": ("ACCEPTED_FORMATS", "sniff_format"),
     "_spec": ("DTYPES", "FIT_POLICIES", "RESIZE_FILTERS", "PreprocessSpec"),
     "_stats": ("InputStats", "mean_shift"),
@@ -57,6 +57,7 @@ __all__ = [
     "PreprocessingError",
     "RESIZE_FILTERS",
     "SpecError",
+    "fit_pixels",
     "list_images",
     "list_labeled_images",
     "load_image",

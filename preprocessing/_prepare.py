@@ -25,12 +25,26 @@ def prepare(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     Returns an array of shape (spec.height, spec.width, 3) and dtype `spec.dtype`; add the batch
     axis yourself (`x[None]`) or use `numpy.stack` for a batch.
     """
+    _check_rgb(image, "prepare")
+    return _prepare_image(Image.fromarray(image), spec)
+
+
+def fit_pixels(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """The fitted uint8 pixels (`spec.pixel_shape`) of an RGB uint8 array, as `load_image` returns it.
+
+    `fit_pixels(load_image(s), spec)` equals `preprocess_pixels(s, spec)`, and `normalise` of it equals
+    `prepare`: for code that decodes once and needs both the pixels and the model input.
+    """
+    _check_rgb(image, "fit_pixels")
+    return np.ascontiguousarray(np.asarray(_fit(Image.fromarray(image), spec)), dtype=np.uint8)
+
+
+def _check_rgb(image: np.ndarray, caller: str) -> None:
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(
-            "prepare needs an RGB uint8 array of shape (height, width, 3), as load_image returns; "
+            f"{caller} needs an RGB uint8 array of shape (height, width, 3), as load_image returns; "
             f"got {getattr(image, 'dtype', type(image).__name__)} {getattr(image, 'shape', '')}"
         )
-    return _prepare_image(Image.fromarray(image), spec)
 
 
 def _prepare_image(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
