@@ -8,6 +8,8 @@
             └─ devices ─┬─ device_status            the latest load / smoke-test / rollback report per version
                         └─ telemetry                periodic counts, confidence histogram, latency; at most
                                                     one row per (device, idempotency key)
+            └─ telemetry_hourly ─┬─ _confidence, _classes, _input, _devices   hourly rollups of telemetry
+               telemetry_devices    each device's first and latest hour per version, mode, channel
     server_state                                    counters shared by all instances (assignment revision)
 """
 
@@ -69,6 +71,8 @@ class ModelVersion(Base):
     labels: Mapped[list[str]] = mapped_column(JSON)
     float_spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: The manifest's "baseline" (the converter's validation statistics); None for older bundles.
+    baseline: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
     model: Mapped[Model] = relationship(back_populates="versions")
     files: Mapped[list["VersionFile"]] = relationship(back_populates="model_version", order_by="VersionFile.name")
@@ -195,10 +199,16 @@ class DeviceStatus(Base):
 
 
 class Telemetry(Base):
-    """One periodic telemetry report of a device; `idempotency_key` (unique per device) makes resends count once."""
+    """One periodic telemetry report of a device; `idempotency_key` (unique per device) makes resends count once.
+
+    Raw rows are kept for `--telemetry-retention-days`; the figures are read from the hourly rollups
+    below, which the same transaction updates."""
 
     __tablename__ = "telemetry"
-    __table_args__ = (Index("uq_telemetry_device_idempotency_key", "device_id", "idempotency_key", unique=True),)
+    __table_args__ = (
+        Index("uq_telemetry_device_idempotency_key", "device_id", "idempotency_key", unique=True),
+        Index("ix_telemetry_received_at", "received_at"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), index=True)
@@ -213,6 +223,132 @@ class Telemetry(Base):
     latency_p99_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     confidence_histogram: Mapped[list[int]] = mapped_column(JSON)
     idempotency_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    mode: Mapped[str] = mapped_column(String(16), default="serving", server_default="serving")  # serving | shadow
+    shadow_of: Mapped[int | None] = mapped_column(Integer, nullable=True)  # shadow: the serving version compared with
+    channel: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the device's channel when received
+    low_confidence: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # None: not reported (older agents)
+    fallback_answers: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    disagreements: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    agreements: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    class_counts: Mapped[list[int] | None] = mapped_column(JSON, nullable=True)
+    input_stats: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # InputStats.to_report()
+
+
+# --- hourly telemetry rollups -----------------------------------------------------------------------------
+# One row per (model, version, mode, channel, hour), upserted (n = n + excluded.n) in the transaction that
+# stores the raw report. `hour` is the UTC epoch second the hour starts at (an integer: the same on SQLite
+# and PostgreSQL, and bucketed by plain arithmetic). Histogram bins, class counts and input channels live in
+# child tables keyed by their index, so SQL can SUM them.
+
+
+class TelemetryHourly(Base):
+    """Sums of every count of the reports received in one hour, per version, mode and channel."""
+
+    __tablename__ = "telemetry_hourly"
+    __table_args__ = (Index("ix_telemetry_hourly_hour", "hour"),)
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    mode: Mapped[str] = mapped_column(String(16), primary_key=True)
+    channel: Mapped[str] = mapped_column(String(64), primary_key=True)
+    hour: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    reports: Mapped[int] = mapped_column(BigInteger, default=0)
+    predictions: Mapped[int] = mapped_column(BigInteger, default=0)
+    fallbacks: Mapped[int] = mapped_column(BigInteger, default=0)
+    errors: Mapped[int] = mapped_column(BigInteger, default=0)
+    low_confidence: Mapped[int] = mapped_column(BigInteger, default=0)
+    #: Predictions of the reports that carried `low_confidence` (the rate's denominator).
+    low_confidence_predictions: Mapped[int] = mapped_column(BigInteger, default=0)
+    fallback_answers: Mapped[int] = mapped_column(BigInteger, default=0)
+    disagreements: Mapped[int] = mapped_column(BigInteger, default=0)
+    agreements: Mapped[int] = mapped_column(BigInteger, default=0)
+    #: Sum of p50 x predictions and of those predictions: the prediction-weighted mean p50.
+    latency_p50_weighted: Mapped[float] = mapped_column(Float, default=0.0)
+    latency_p50_weight: Mapped[int] = mapped_column(BigInteger, default=0)
+    #: Sum and number of reported p50s (the plain mean, when every such report had 0 predictions).
+    latency_p50_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    latency_p50_reports: Mapped[int] = mapped_column(BigInteger, default=0)
+    latency_p99_max: Mapped[float | None] = mapped_column(Float, nullable=True)
+    histogram_bins: Mapped[int] = mapped_column(Integer, default=0)  # the longest confidence histogram reported
+    class_slots: Mapped[int] = mapped_column(Integer, default=0)  # the longest class_counts reported
+    input_images: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class TelemetryHourlyConfidence(Base):
+    """Summed confidence histogram bins of a `TelemetryHourly` row (only bins with a count)."""
+
+    __tablename__ = "telemetry_hourly_confidence"
+    __table_args__ = (Index("ix_telemetry_hourly_confidence_hour", "hour"),)
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    mode: Mapped[str] = mapped_column(String(16), primary_key=True)
+    channel: Mapped[str] = mapped_column(String(64), primary_key=True)
+    hour: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    bin: Mapped[int] = mapped_column(Integer, primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class TelemetryHourlyClass(Base):
+    """Summed predicted-class counts of a `TelemetryHourly` row (only classes with a count)."""
+
+    __tablename__ = "telemetry_hourly_classes"
+    __table_args__ = (Index("ix_telemetry_hourly_classes_hour", "hour"),)
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    mode: Mapped[str] = mapped_column(String(16), primary_key=True)
+    channel: Mapped[str] = mapped_column(String(64), primary_key=True)
+    hour: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    class_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class TelemetryHourlyInput(Base):
+    """Summed input statistics (`preprocessing.InputStats` sums) per image channel of a `TelemetryHourly` row."""
+
+    __tablename__ = "telemetry_hourly_input"
+    __table_args__ = (Index("ix_telemetry_hourly_input_hour", "hour"),)
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    mode: Mapped[str] = mapped_column(String(16), primary_key=True)
+    channel: Mapped[str] = mapped_column(String(64), primary_key=True)
+    hour: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    channel_index: Mapped[int] = mapped_column(Integer, primary_key=True)  # 0..3 (R, G, B, A)
+    pixels: Mapped[int] = mapped_column(BigInteger, default=0)
+    pixel_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    pixel_sum_sq: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class TelemetryHourlyDevice(Base):
+    """A device that reported in that hour (insert-or-ignore): devices per hour."""
+
+    __tablename__ = "telemetry_hourly_devices"
+    __table_args__ = (Index("ix_telemetry_hourly_devices_hour", "hour"),)
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    mode: Mapped[str] = mapped_column(String(16), primary_key=True)
+    channel: Mapped[str] = mapped_column(String(64), primary_key=True)
+    hour: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+
+
+class TelemetryDevice(Base):
+    """Each device's first and latest hour of reports per version, mode and channel: devices since any
+    hour without scanning hours (`last_hour >= since`)."""
+
+    __tablename__ = "telemetry_devices"
+    __table_args__ = (Index("ix_telemetry_devices_last_hour", "last_hour"),)
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    mode: Mapped[str] = mapped_column(String(16), primary_key=True)
+    channel: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    first_hour: Mapped[int] = mapped_column(BigInteger)
+    last_hour: Mapped[int] = mapped_column(BigInteger)
 
 
 class ServerState(Base):

@@ -127,6 +127,7 @@ class Registry:
                 saved_model_digest=digest,
                 labels=list(bundle.labels),
                 float_spec=bundle.float_spec.to_dict(),
+                baseline=_baseline(bundle.manifest),
             )
             session.add(row)
             session.flush()
@@ -317,6 +318,12 @@ def require_version(session: Session, model: Model, version: int) -> None:
     )
     if found is None:
         find_version(session, model.name, version)  # raises, listing the published versions
+
+
+def _baseline(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest's "baseline" (signed with it; the quality figures compare against it); None for older bundles."""
+    baseline = manifest.get("baseline")
+    return baseline if isinstance(baseline, dict) else None
 
 
 def files_view(row: ModelVersion) -> dict[str, dict[str, Any]]:
