@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Path, Query
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 #: The largest version number: versions are INTEGER columns, 32-bit signed on PostgreSQL.
 MAX_VERSION = 2**31 - 1
 #: The largest count one telemetry report may carry (well inside BIGINT and a JSON double's exact range).
 MAX_COUNT = 10**12
+#: The most predicted-class counts one telemetry report may carry (labels of a model).
+MAX_CLASS_COUNTS = 10_000
+#: The most pixels per channel one report's input statistics may count (10^15: exact in a double).
+MAX_PIXELS = 10**15
 #: The longest period one telemetry report may cover (a year, in seconds).
 MAX_PERIOD_S = 366 * 86400.0
 #: The largest latency a device may report (a day, in milliseconds).
@@ -173,3 +177,51 @@ class TelemetryReport(_Body):
     confidence_histogram: list[Annotated[int, Field(ge=0, le=MAX_COUNT)]] = Field(
         default_factory=list, max_length=100, description="counts of top-1 confidence in equal bins over [0, 1]"
     )
+    mode: Literal["serving", "shadow"] = Field("serving", description="shadow: a report about the candidate the device runs beside its version")
+    shadow_of: int | None = Field(None, ge=1, le=MAX_VERSION, description="mode shadow: the serving version it was compared with")
+    class_counts: list[Annotated[int, Field(ge=0, le=MAX_COUNT)]] | None = Field(
+        None, max_length=MAX_CLASS_COUNTS, description="predicted top-1 label index counts, in labels order"
+    )
+    low_confidence: int | None = Field(None, ge=0, le=MAX_COUNT, description="predictions under the device's confidence threshold")
+    fallback_answers: int = Field(0, ge=0, le=MAX_COUNT, description="fallbacks the server answered")
+    disagreements: int = Field(0, ge=0, le=MAX_COUNT, description="answered fallbacks whose server top-1 label differed from the edge's")
+    agreements: int = Field(0, ge=0, le=MAX_COUNT, description="mode shadow: samples whose top-1 label matched the serving version's")
+    input_stats: InputStatsReport | None = Field(None, description="sums over the prepared pixels (preprocessing.InputStats)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TelemetryReport":
+        def at_most(part: str, whole: str) -> None:
+            small, large = getattr(self, part), getattr(self, whole)
+            if small is not None and small > large:
+                raise ValueError(f"{part} ({small}) may not exceed {whole} ({large})")
+
+        at_most("low_confidence", "predictions")
+        at_most("fallback_answers", "fallbacks")
+        at_most("disagreements", "fallback_answers")
+        at_most("agreements", "predictions")
+        if self.mode == "shadow" and self.shadow_of is None:
+            raise ValueError("a report with mode shadow needs shadow_of: the serving version the candidate was compared with")
+        if self.mode == "serving" and self.shadow_of is not None:
+            raise ValueError("shadow_of belongs to reports with mode shadow")
+        return self
+
+
+class InputStatsReport(_Body):
+    """`preprocessing.InputStats.to_report()`: per-channel sums over the prepared pixels (0..255 scale)."""
+
+    images: int = Field(ge=0, le=MAX_COUNT)
+    pixels: int = Field(ge=0, le=MAX_PIXELS, description="pixels counted per channel")
+    sum: list[float] = Field(min_length=1, max_length=4, description="per channel (at most 4), the sum of pixel values")
+    sum_sq: list[float] = Field(min_length=1, max_length=4, description="per channel, the sum of squared pixel values")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "InputStatsReport":
+        if len(self.sum) != len(self.sum_sq):
+            raise ValueError(f"sum has {len(self.sum)} channels and sum_sq {len(self.sum_sq)}; they must match")
+        for i, (total, squares) in enumerate(zip(self.sum, self.sum_sq)):
+            if not 0 <= total <= 255 * self.pixels or not 0 <= squares <= 255 * 255 * self.pixels:
+                raise ValueError(f"channel {i}: the sums are outside what {self.pixels} pixels of 0..255 can add up to")
+        return self
+
+
+TelemetryReport.model_rebuild()
