@@ -129,6 +129,20 @@ class ThrottleOptions:
 
 
 @dataclass(frozen=True)
+class RetentionOptions:
+    """How long telemetry is kept: raw reports `telemetry_days`, their hourly rollups `rollup_days`.
+
+    A background task deletes older rows every `interval_s`, at most `batch_rows` raw rows (or that
+    many rollup rows' worth of hours) per transaction, so a large purge never holds a long lock.
+    """
+
+    telemetry_days: float = 14.0
+    rollup_days: float = 400.0
+    interval_s: float = 3600.0
+    batch_rows: int = 5000
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Everything the sync server needs to run; build it with `ServerConfig.load` or directly."""
 
@@ -148,6 +162,7 @@ class ServerConfig:
     rollout: RolloutOptions = field(default_factory=RolloutOptions)
     connections: ConnectionOptions = field(default_factory=ConnectionOptions)
     throttle: ThrottleOptions = field(default_factory=ThrottleOptions)
+    retention: RetentionOptions = field(default_factory=RetentionOptions)
     predict_deadline_s: float | None = None  # a fallback prediction's deadline (default: the TF Serving timeout)
     push_poll_s: float = 1.0  # how often to look for changes made by other server instances
     sse_keepalive_s: float = 15.0
@@ -312,6 +327,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("throttle.reports_burst", "--report-burst", int, "reports a device may send at once (default 60)", "N"),
     Setting("throttle.enroll_per_s", "--enroll-rate", float, "enrolments per second per enrolment credential (default 10; 0: no limit)", "R"),
     Setting("throttle.enroll_burst", "--enroll-burst", int, "enrolments one credential may make at once (default 100)", "N"),
+    Setting("retention.telemetry_days", "--telemetry-retention-days", float, "days raw telemetry reports are kept; the hourly rollups keep their sums (default 14)", "DAYS"),
+    Setting("retention.rollup_days", "--rollup-retention-days", float, "days the hourly telemetry rollups are kept (default 400)", "DAYS"),
+    Setting("retention.interval_s", "--retention-interval", float, "seconds between deletions of expired telemetry (default 3600)", "S"),
 )
 
 
@@ -366,6 +384,10 @@ def _check(config: ServerConfig) -> None:
         positive(getattr(config.throttle, f"{what}_per_s"), f"the {what} rate", allow_zero=True)
         positive(getattr(config.throttle, f"{what}_burst"), f"the {what} burst")
     positive(config.throttle.max_tracked, "the number of throttled credentials tracked")
+    positive(config.retention.telemetry_days, "the telemetry retention (days)")
+    positive(config.retention.rollup_days, "the rollup retention (days)")
+    positive(config.retention.interval_s, "the retention interval")
+    positive(config.retention.batch_rows, "the retention batch size")
     if not 0 <= config.rollout.failure_threshold <= 1:
         raise ConfigError(f"the rollout failure threshold must be 0..1, got {config.rollout.failure_threshold}")
     if config.tf_serving.protocol not in BACKEND_PROTOCOLS:
