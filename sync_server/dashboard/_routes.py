@@ -185,7 +185,7 @@ def login(request: Request, token: str = Form("", max_length=500), next: str = F
     if not dashboard.signer.admin_token_matches(token.strip()):
         log.warning("dashboard login refused", extra={"client": client})
         return _page(request, "login.html", 401, next=_safe_next(next),
-                     error="That is not this server's admin token (see `sync-server path` for where it is kept).")
+                     error="That is not the admin token of this server (`sync-server path` prints where it is kept).")
     session, cookie = dashboard.signer.new_session()
     response = _redirect(_safe_next(next))
     response.set_cookie(
