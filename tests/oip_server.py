@@ -6,10 +6,11 @@ the project's venv has protobuf 7; see tests/oip-requirements.txt). Our part is 
 and calls its `serving_default` signature, as TF Serving would.
 
     .venv-oip/bin/python tests/oip_server.py --http-port 8080 --model demo-1=/path/to/saved_model \
-        [--model demo-2u=/path:uint8] [--broken nope=/missing]
+        [--model demo-2u=/path:uint8] [--model demo-3=/path:pixels]
 
 `NAME=PATH:uint8` serves a model that takes the device's uint8 pixels and normalises them itself with the
-SavedModel's preprocess_spec.json (`x = (p * scale - mean) / std`). KServe's server has no versions in its
+SavedModel's preprocess_spec.json (`x = (p * scale - mean) / std`), in Python. `NAME=PATH:pixels` serves the
+SavedModel's `pixels` signature (the converter's `add_pixel_signatures`: UINT8 in, normalised in the graph). KServe's server has no versions in its
 paths, so each version is a model of its own, named NAME-VERSION.
 """
 
@@ -29,18 +30,20 @@ from kserve import InferOutput, InferRequest, InferResponse
 class SavedModelModel(kserve.Model):
     """One SavedModel behind KServe; FP32 input as the signature declares it, or UINT8 pixels normalised here."""
 
-    def __init__(self, name: str, path: Path, uint8: bool = False) -> None:
+    def __init__(self, name: str, path: Path, uint8: bool = False, signature: str = "serving_default") -> None:
         super().__init__(name)
         self.path = path
         self.uint8 = uint8
+        self.signature = signature
 
     def load(self) -> bool:
         import tensorflow as tf
 
         self._tf = tf
         self._model = tf.saved_model.load(str(self.path))
-        self._fn = self._model.signatures["serving_default"]
+        self._fn = self._model.signatures[self.signature]
         (self.input_name, spec), = self._fn.structured_input_signature[1].items()
+        self.dtype = spec.dtype
         self.input_shape = [-1 if d is None else int(d) for d in spec.shape]
         outputs = self._fn.structured_outputs
         self.output_name = next((k for k in ("probabilities", "probability", "scores", "output_0") if k in outputs), sorted(outputs)[0])
@@ -54,7 +57,8 @@ class SavedModelModel(kserve.Model):
         return self.ready
 
     def get_input_types(self) -> list[dict]:
-        return [{"name": self.input_name, "datatype": "UINT8" if self.uint8 else "FP32", "shape": self.input_shape}]
+        uint8 = self.uint8 or self.dtype == self._tf.uint8
+        return [{"name": self.input_name, "datatype": "UINT8" if uint8 else "FP32", "shape": self.input_shape}]
 
     def get_output_types(self) -> list[dict]:
         return [{"name": self.output_name, "datatype": "FP32", "shape": self.output_shape}]
@@ -63,7 +67,7 @@ class SavedModelModel(kserve.Model):
         x = payload.inputs[0].as_numpy()
         if self.uint8:
             x = (x.astype(np.float32) * self.scale - self.mean) / self.std
-        scores = self._fn(**{self.input_name: self._tf.constant(x, dtype=self._tf.float32)})[self.output_name].numpy()
+        scores = self._fn(**{self.input_name: self._tf.constant(x, dtype=self.dtype)})[self.output_name].numpy()
         output = InferOutput(name=self.output_name, shape=list(scores.shape), datatype="FP32")
         output.set_data_from_numpy(scores.astype(np.float32))
         return InferResponse(
@@ -89,13 +93,13 @@ def _listen_on_loopback_only() -> None:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--http-port", type=int, required=True)
-    parser.add_argument("--model", action="append", default=[], help="NAME=SAVED_MODEL_DIR[:uint8]")
+    parser.add_argument("--model", action="append", default=[], help="NAME=SAVED_MODEL_DIR[:uint8|:pixels]")
     options = parser.parse_args(argv)
     models = []
     for item in options.model:
         name, _, where = item.partition("=")
         path, _, kind = where.partition(":")
-        model = SavedModelModel(name, Path(path), uint8=(kind == "uint8"))
+        model = SavedModelModel(name, Path(path), uint8=(kind == "uint8"), signature="pixels" if kind == "pixels" else "serving_default")
         model.load()
         models.append(model)
     logging.getLogger().setLevel(logging.WARNING)

@@ -24,7 +24,9 @@ REST API documentation (g3doc/api_rest.md) and its source describe them:
 slow or overloaded TF Serving; it can be changed while running), `stop()` / `start()` take the server down and up on the same port
 (keeping what was loaded, like a network outage), `restart()` is a new process on the same port
 (nothing loaded; the config file read again and refused while a label names a version not loaded),
-and `predict_batches` records the batch size of every predict call.
+and `predict_batches` records the batch size of every predict call, `rest_request_bytes` the body size
+of every REST predict call. REST inputs are decoded by the signature's dtype: numbers for numeric inputs,
+TF Serving's `{"b64": "..."}` objects for string inputs, and instances as objects naming the input.
 
 With `grpc=True` it also serves TF Serving's gRPC API on a second port (`grpc_url`), through the real
 protos' servicers (`tensorflow_serving.apis`): PredictionService.Predict and GetModelMetadata, and
@@ -35,6 +37,8 @@ records the serialized size of every PredictRequest.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 import threading
@@ -328,6 +332,7 @@ class TFServingStandin:
         self._grpc_port = grpc_port
         self._grpc_server: Any = None
         self.grpc_request_bytes: list[int] = []
+        self.rest_request_bytes: list[int] = []
         self.predict_delay_s = predict_delay_s
         self.poll_s = poll_s
         self.manager = ModelManager(load_delay_s, allow_unavailable_labels)
@@ -491,6 +496,7 @@ class TFServingStandin:
             name, version, label, verb = match.groups()
             if verb.lower() != "predict":
                 raise StandinError(400, f"{verb} is not supported by this stand-in")
+            self.rest_request_bytes.append(len(body))
             return 200, self._predict(name, int(version) if version else None, label, body)
         if method == "GET":
             match = _STATUS.match(path)
@@ -536,10 +542,21 @@ class TFServingStandin:
         input_specs = fn.structured_input_signature[1]
         (input_name, spec), = input_specs.items()
         values = request.get("instances", request.get("inputs"))
-        try:
-            array = np.asarray(values, dtype=np.float32)
-        except (TypeError, ValueError):
-            raise StandinError(400, "JSON Value: " + json.dumps(values)[:60] + " Type: Object is not of expected type: float") from None
+        if "instances" in request and isinstance(values, list) and values and isinstance(values[0], dict) and "b64" not in values[0]:
+            try:  # row format with named inputs: [{"name": value}, ...]
+                values = [row[input_name] for row in values]
+            except (KeyError, TypeError):
+                raise StandinError(400, f"JSON Value: instances do not all name input {input_name!r}") from None
+        if spec.dtype == tf.string:
+            try:
+                array = np.array([base64.b64decode(v["b64"], validate=True) for v in values], dtype=object)
+            except (TypeError, KeyError, ValueError, binascii.Error):
+                raise StandinError(400, "JSON Value: " + json.dumps(values)[:60] + ' Type: String is not of expected type: {"b64": ...}') from None
+        else:
+            try:
+                array = np.asarray(values, dtype=spec.dtype.as_numpy_dtype)
+            except (TypeError, ValueError, OverflowError):
+                raise StandinError(400, "JSON Value: " + json.dumps(values)[:60] + f" Type: Object is not of expected type: {spec.dtype.name}") from None
         expected = spec.shape.as_list()
         if array.ndim != len(expected) or any(e is not None and e != a for e, a in zip(expected, array.shape)):
             raise StandinError(400, f"input tensor alias not found in signature or shape mismatch: expected {expected}, got {list(array.shape)}")

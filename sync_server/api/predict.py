@@ -6,8 +6,9 @@ row-major, exactly `H*W*3` bytes, that the device fed its own model after decode
 resize and before normalisation (`preprocessing.preprocess_pixels`); `X-Pixels-Shape: HxWx3` names
 their shape and `X-Spec-Digest` the `PreprocessSpec.pixels_digest()` of the spec that fitted them. The
 server refuses pixels whose digest is not its version's float spec's (409 `spec_mismatch`), whose shape
-is not the spec's (400 `bad_shape`) or whose length is not `H*W*3` (400 `bad_length`); it normalises
-them with the float spec and asks the same batcher and backend as for photos.
+is not the spec's (400 `bad_shape`) or whose length is not `H*W*3` (400 `bad_length`), and asks the same
+batcher and backend as for photos: with the pixels as they came when the version's backend takes uint8
+pixels (the converter's `pixels` signature), else normalised with the float spec.
 """
 
 from __future__ import annotations

@@ -1,13 +1,16 @@
 """The embedded predictor: SavedModels loaded in this process, used when no TF Serving URL is set.
 
 It reads the same repository TF Serving would (`models/NAME/VERSION/`) and calls each version's
-`serving_default` signature. Loaded versions are kept in a small LRU (`max_loaded`); a version is
+`serving_default` signature on float batches, or its `pixels` signature on uint8 batches when the version
+has one (the converter's `add_pixel_signatures`: the model normalises the device's pixels itself, so the
+server does not; `takes_pixels` says which). Loaded versions are kept in a small LRU (`max_loaded`); a version is
 loaded before an older one is dropped, the same availability-preserving order TF Serving follows, so
 memory briefly holds one extra model during a switch. TensorFlow is imported here and only here.
 
 A version is warmed up as TF Serving does it before it counts as loaded: the requests in its
 `assets.extra/tf_serving_warmup_requests` (the converter writes them), or without that file one
-zero photo of the signature's input shape, run once; a version whose warm-up fails is not served.
+zero photo of the signature's input shape, run once (records for `pixels` and `pixels_png` run through
+those signatures); a version whose warm-up fails is not served.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ log = logging.getLogger("sync_server.embedded")
 WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
 MAX_WARMUP_RECORDS = 1000
 MAX_WARMUP_BYTES = 256 << 20
+#: The signature that takes the fitted uint8 pixels (converter.serving.PIXELS_SIGNATURE).
+PIXELS_SIGNATURE = "pixels"
 
 
 @dataclass
@@ -43,6 +48,11 @@ class _Loaded:
     function: Any
     input_name: str
     output_name: str
+    #: The `pixels` signature (uint8 [N, H, W, 3] in) and its input's name, when the version has it.
+    pixels_function: Any = None
+    pixels_input: str = ""
+    #: Every signature of the version (warm-up records may name any of them).
+    signatures: Any = None
     #: Warm-up requests run at load, where they came from ("records" or "zeros"), and how long they took.
     warmup_requests: int = 0
     warmup_source: str = ""
@@ -69,12 +79,24 @@ class EmbeddedPredictor:
         # A TensorFlow call cannot be interrupted: the caller stops waiting at its deadline instead.
         return await anyio.to_thread.run_sync(self._predict_sync, name, version, batch, limiter=self._limiter)
 
+    async def takes_pixels(self, name: str, version: int, *, timeout_s: float | None = None) -> bool:
+        """Whether the version has the `pixels` signature (loads it when it is not loaded yet)."""
+        loaded = self._loaded.get((name, version))
+        if loaded is None:
+            loaded = await anyio.to_thread.run_sync(self._get, name, version, limiter=self._limiter)
+        return loaded.pixels_function is not None
+
     def _predict_sync(self, name: str, version: int, batch: np.ndarray) -> np.ndarray:
         import tensorflow as tf
 
         loaded = self._get(name, version)
         try:
-            outputs = loaded.function(**{loaded.input_name: tf.constant(batch, dtype=tf.float32)})
+            if batch.dtype == np.uint8:
+                if loaded.pixels_function is None:
+                    raise BackendFailedError(f"version {version} of model {name} has no {PIXELS_SIGNATURE!r} signature for uint8 pixels")
+                outputs = loaded.pixels_function(**{loaded.pixels_input: tf.constant(batch, dtype=tf.uint8)})
+            else:
+                outputs = loaded.function(**{loaded.input_name: tf.constant(batch, dtype=tf.float32)})
         except (tf.errors.OpError, ValueError, TypeError) as exc:
             raise BackendFailedError(f"version {version} of model {name} failed on the batch: {_first_line(exc)}") from exc
         return np.asarray(outputs[loaded.output_name], dtype=np.float32)
@@ -117,7 +139,15 @@ class EmbeddedPredictor:
         input_name = next(iter(inputs))
         outputs = function.structured_outputs
         output_name = next((k for k in OUTPUT_NAMES if k in outputs), sorted(outputs)[0])
-        loaded = _Loaded(model, function, input_name, output_name)
+        loaded = _Loaded(model, function, input_name, output_name, signatures=dict(model.signatures))
+        pixels = model.signatures.get(PIXELS_SIGNATURE)
+        if pixels is not None:
+            pixel_inputs = pixels.structured_input_signature[1]
+            pixel_spec = next(iter(pixel_inputs.values()), None)
+            if len(pixel_inputs) == 1 and pixel_spec.dtype == tf.uint8 and output_name in pixels.structured_outputs:
+                loaded.pixels_function, loaded.pixels_input = pixels, next(iter(pixel_inputs))
+            else:
+                log.warning("ignoring a pixels signature that does not take one uint8 input", extra={"model": name, "version": version})
         self._warm_up(name, version, path, loaded, inputs[input_name])
         # A loaded SavedModel leaves ~300k tracked objects that live as long as the version: without this,
         # each full collection walks them all (0.5-0.8 s measured), stalling every request in flight.
@@ -131,17 +161,18 @@ class EmbeddedPredictor:
         import tensorflow as tf
 
         started = time.perf_counter()
-        batches, source = _warmup_batches(path / WARMUP_FILE, loaded.input_name, spec, name, version)
-        for batch in batches:
+        requests, source = _warmup_requests(path / WARMUP_FILE, loaded, spec, name, version)
+        for signature, key, batch in requests:
+            function = loaded.signatures[signature]
             try:
-                loaded.function(**{loaded.input_name: tf.constant(batch, dtype=tf.float32)})
+                function(**{key: tf.constant(batch)})
             except (tf.errors.OpError, ValueError, TypeError) as exc:
                 raise BackendFailedError(
-                    f"version {version} of model {name} failed its warm-up request of shape {list(batch.shape)}: "
+                    f"version {version} of model {name} failed its {signature} warm-up request of shape {list(batch.shape)}: "
                     f"{_first_line(exc)}", code="warmup_failed") from exc
-        loaded.warmup_requests, loaded.warmup_source = len(batches), source
+        loaded.warmup_requests, loaded.warmup_source = len(requests), source
         loaded.warmup_s = time.perf_counter() - started
-        self.warmed_up[(name, version)] = len(batches)
+        self.warmed_up[(name, version)] = len(requests)
 
     async def preload(self, name: str, version: int) -> None:
         """Start loading a version in the background, so its first request does not wait for it."""
@@ -176,14 +207,15 @@ class EmbeddedPredictor:
         await asyncio.sleep(0)
 
 
-def _warmup_batches(file: Path, input_name: str, spec: Any, name: str, version: int) -> tuple[list[np.ndarray], str]:
-    """The warm-up batches of a version: its TF Serving warm-up records, checked against the signature's
-    input, or (without the file) one zero photo of the input's shape."""
+def _warmup_requests(file: Path, loaded: _Loaded, spec: Any, name: str, version: int) -> tuple[list[tuple[str, str, np.ndarray]], str]:
+    """The warm-up requests of a version, (signature, input, batch) each: its TF Serving warm-up records,
+    checked against the signatures' inputs, or (without the file) one zero photo of the input's shape."""
     shape = [1 if d is None else int(d) for d in spec.shape.as_list()] if spec.shape.rank is not None else None
+    default = "serving_default"
     if not file.is_file():
         if shape is None:
             return [], "none"
-        return [np.zeros(shape, dtype=np.float32)], "zeros"
+        return [(default, loaded.input_name, np.zeros(shape, dtype=np.float32))], "zeros"
 
     def refuse(reason: str) -> BackendFailedError:
         return BackendFailedError(f"the warm-up requests of version {version} of model {name} ({WARMUP_FILE}) {reason}",
@@ -196,20 +228,29 @@ def _warmup_batches(file: Path, input_name: str, spec: Any, name: str, version: 
         from converter.warmup import read_warmup, request_inputs
     except ImportError as exc:  # tensorflow-serving-api missing: the shape is what warms the model up
         log.warning("cannot read warm-up records, warming up with zeros", extra={"model": name, "version": version, "error": str(exc)})
-        return ([np.zeros(shape, dtype=np.float32)], "zeros") if shape is not None else ([], "none")
-    batches = []
+        return ([(default, loaded.input_name, np.zeros(shape, dtype=np.float32))], "zeros") if shape is not None else ([], "none")
+    requests = []
     try:
         for record in read_warmup(file, MAX_WARMUP_RECORDS):
+            signature = record.predict_log.request.model_spec.signature_name or default
+            function = loaded.signatures.get(signature)
+            if function is None:
+                raise refuse(f"name signature {signature!r}, which the version does not have ({sorted(loaded.signatures)})")
             inputs = request_inputs(record)
-            if set(inputs) != {input_name}:
-                raise refuse(f"name inputs {sorted(inputs)}; the signature takes {input_name!r}")
-            batch = inputs[input_name]
-            if batch.dtype != np.float32 or (shape is not None and (batch.ndim != len(shape) or list(batch.shape[1:]) != shape[1:])):
-                raise refuse(f"hold a {batch.dtype} tensor of shape {list(batch.shape)}; the signature takes float32 {spec.shape}")
-            batches.append(batch)
+            expected = function.structured_input_signature[1]
+            if set(inputs) != set(expected):
+                raise refuse(f"name inputs {sorted(inputs)} for {signature}; it takes {sorted(expected)}")
+            (key, batch), = inputs.items()
+            want = expected[key]
+            dtype_ok = (batch.dtype == object) if want.dtype.name == "string" else (batch.dtype == np.dtype(want.dtype.as_numpy_dtype))
+            dims = want.shape.as_list() if want.shape.rank is not None else None
+            shape_ok = dims is None or (batch.ndim == len(dims) and all(d is None or d == n for d, n in zip(dims[1:], batch.shape[1:])))
+            if not (dtype_ok and shape_ok):
+                raise refuse(f"hold a {batch.dtype} tensor of shape {list(batch.shape)}; {signature} takes {want.dtype.name} {want.shape}")
+            requests.append((signature, key, batch))
     except DataError as exc:
         raise refuse(f"are unreadable: {exc}") from exc
-    return batches, "records"
+    return requests, "records"
 
 
 def _first_line(exc: BaseException) -> str:

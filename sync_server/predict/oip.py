@@ -9,7 +9,9 @@ A call's body is the JSON inference header followed by the raw tensor (little-en
 `Inference-Header-Content-Length` giving the header's length and the input's `binary_data_size` its
 bytes; the output is asked for with `binary_data: true`, and an answer in plain JSON (`data`) is read too.
 A 96x96 float photo is 110 kB on the wire instead of TF Serving REST's 325 kB of JSON floats; a uint8
-input (a model that normalises itself) is a quarter of that.
+input (a model that normalises itself: a version whose metadata declares a UINT8 input, such as the
+converter's `pixels` signature served) is a quarter of that, and gets the device's fitted pixels as they are
+(`takes_pixels`).
 
 Versions: the protocol puts them in the path (`version_in="path"`, Triton, MLServer, OVMS). KServe's
 Python ModelServer (0.21) answers every versioned path with 501 "Model versioning not supported yet", so
@@ -139,6 +141,10 @@ class OIPPredictor:
         if scores.ndim != 2 or scores.shape[0] != batch.shape[0]:
             raise BackendFailedError(f"expected [{batch.shape[0]}, classes] probabilities from {_servable(name, version)}, got shape {scores.shape}")
         return scores
+
+    async def takes_pixels(self, name: str, version: int, *, timeout_s: float | None = None) -> bool:
+        """Whether the version's input is UINT8: it takes the device's fitted pixels and normalises them itself."""
+        return (await self.model_info(name, version, timeout_s=timeout_s)).input.datatype == "UINT8"
 
     async def model_info(self, name: str, version: int, *, timeout_s: float | None = None) -> ModelInfo:
         """The model's input and output names and types, asked once per version and kept."""

@@ -1,8 +1,11 @@
 """The full-model fallback: photo bytes in, the full model's top-k out.
 
-The photo is prepared by `preprocessing.preprocess` with the version's *float* spec (the SavedModel's
-input), on a worker thread, then goes through the batcher (or straight to the backend when batching is
-off) to the predictor: the embedded SavedModel or TF Serving.
+The photo is prepared with the version's *float* spec on a worker thread, then goes through the batcher
+(or straight to the backend when batching is off) to the predictor: the embedded SavedModel, TF Serving
+or an OIP server. A version whose backend `takes_pixels` (the converter's `pixels` signature: the model
+normalises in its graph) gets the fitted uint8 pixels, `preprocessing.preprocess_pixels` for a photo and
+the device's pixels as they came (no work here at all); any other gets `preprocessing.preprocess` /
+`normalise` float32, four times the bytes.
 
 Every prediction has a deadline (`deadline_s` from its arrival): preparing, queueing in the batcher
 and the backend call all fit in it, and at the deadline the caller gets 503 `deadline_exceeded`, not
@@ -19,7 +22,16 @@ from typing import Callable
 import anyio
 import numpy as np
 
-from preprocessing import DecodeBudget, DecodeBusyError, DecodeLimits, InvalidImageError, PreprocessSpec, normalise, preprocess
+from preprocessing import (
+    DecodeBudget,
+    DecodeBusyError,
+    DecodeLimits,
+    InvalidImageError,
+    PreprocessSpec,
+    normalise,
+    preprocess,
+    preprocess_pixels,
+)
 
 from ..config import BatchingOptions, UploadLimits
 from ..errors import BackendUnavailableError, InvalidPhotoError, ServerBusyError
@@ -82,6 +94,8 @@ class PredictionService:
         self._on_batch = on_batch
         self._prepare_limiter = anyio.CapacityLimiter(prepare_threads)
         self.batcher = Batcher(self._run_batch, batching, on_batch) if batching.enabled else None
+        #: (name, version) -> whether its backend takes uint8 pixels (versions are immutable: asked once).
+        self._takes_pixels: dict[tuple[str, int], bool] = {}
 
     async def predict(self, name: str, version: int, photo: bytes, top_k: int) -> Prediction:
         """The top-k for a photo, or 503 `deadline_exceeded` once `deadline_s` have passed."""
@@ -104,13 +118,20 @@ class PredictionService:
 
     async def predict_pixels(self, name: str, version: int, pixels: np.ndarray, top_k: int) -> Prediction:
         """The top-k for a device's fitted uint8 pixels (`version_spec(...).pixel_shape`, digest checked by
-        the caller): normalised with the float spec, no decode, then the same batcher and deadline as photos."""
+        the caller): no decode; as they are to a backend that takes pixels, else normalised with the float
+        spec; then the same batcher and deadline as photos."""
         return await self.predict(name, version, pixels, top_k)  # type: ignore[arg-type]
 
     async def _predict(self, name: str, version: int, photo: bytes, top_k: int, deadline: float) -> Prediction:
         started = time.perf_counter()
         info = self._cached_info(name, version) or await anyio.to_thread.run_sync(self._version_info, name, version)
-        x = await anyio.to_thread.run_sync(self._prepare, photo, info.float_spec, limiter=self._prepare_limiter)  # type: ignore[attr-defined]
+        pixels_in = self._takes_pixels.get((name, version))
+        if pixels_in is None:
+            pixels_in = await self._ask_takes_pixels(name, version, deadline)
+        if pixels_in and isinstance(photo, np.ndarray):
+            x = photo  # the device's pixels, exactly what the backend takes
+        else:
+            x = await anyio.to_thread.run_sync(self._prepare, photo, info.float_spec, pixels_in, limiter=self._prepare_limiter)  # type: ignore[attr-defined]
         if self.batcher is not None:
             probabilities = await self.batcher.submit((name, version), x, deadline)
         else:
@@ -130,10 +151,20 @@ class PredictionService:
         top = tuple(Category(labels[i], float(probabilities[i])) for i in order)
         return Prediction(name, version, top, (time.perf_counter() - started) * 1000.0)
 
-    def _prepare(self, photo: bytes, spec) -> np.ndarray:  # type: ignore[no-untyped-def]
+    async def _ask_takes_pixels(self, name: str, version: int, deadline: float) -> bool:
+        ask = getattr(self.predictor, "takes_pixels", None)
+        answer = False
+        if ask is not None:
+            answer = bool(await ask(name, version, timeout_s=max(0.001, deadline - asyncio.get_running_loop().time())))
+        self._takes_pixels[(name, version)] = answer
+        return answer
+
+    def _prepare(self, photo: bytes, spec, pixels: bool = False) -> np.ndarray:  # type: ignore[no-untyped-def]
         if isinstance(photo, np.ndarray):  # a device's fitted pixels (predict_pixels): normalise only
-            return normalise(photo, spec)
+            return photo if pixels else normalise(photo, spec)
         try:
+            if pixels:
+                return preprocess_pixels(photo, spec, limits=self._decode_limits, budget=self.decode_budget)
             return preprocess(photo, spec, limits=self._decode_limits, budget=self.decode_budget)
         except InvalidImageError as exc:
             raise InvalidPhotoError(exc.code, exc.message) from exc
