@@ -34,8 +34,9 @@ def create_app(config: ServerConfig, *, predictor: Predictor | None = None) -> F
     Parts are built now (`app.state.services`); the database is migrated and the background tasks
     (push watcher, TF Serving reconciler) start with the app's lifespan.
     """
-    from .api import admin, artifacts, devices, errors, ops, predict
+    from .api import admin, artifacts, devices, errors, ops, predict, quality
     from .devices import last_seen_metrics
+    from .quality import drift_gauges
 
     services = Services.build(config, predictor=predictor)
 
@@ -50,11 +51,12 @@ def create_app(config: ServerConfig, *, predictor: Predictor | None = None) -> F
     app = FastAPI(title="sync-server", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.services = services
     errors.install(app)
-    for router in (devices.router, predict.router, admin.router, artifacts.router, ops.router):
+    for router in (devices.router, predict.router, admin.router, artifacts.router, ops.router, quality.router):
         app.include_router(router)
     _install_dashboard(app)
     services.metrics.add_state(ops.state_gauges(services))
     services.metrics.add_state(last_seen_metrics(services.devices))
+    services.metrics.add_state(drift_gauges(services.db))
     app.add_middleware(JsonBodyLimitMiddleware, limit=services.config.limits.max_json_bytes)
     if services.config.throttle.enabled:
         from .throttle import Throttle, ThrottleMiddleware

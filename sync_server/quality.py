@@ -291,7 +291,7 @@ def version_quality(
     """The figures of `version` in `mode` (one channel, or all), over the hours from `since` (rounded down
     to its hour; None: every retained hour). No reports: zero counts and None rates."""
     sums = _sums(session, model_id, version=version, mode=mode, channel=channel, since=since).get((version, mode), _Sums())
-    return _quality(version, mode, channel, since, sums, _baseline(session, model_id, version))
+    return _quality(version, mode, channel, window_start(since), sums, _baseline(session, model_id, version))
 
 
 def versions_quality(
@@ -305,7 +305,8 @@ def versions_quality(
     """`version_quality` of every (version, mode) with reports in the window, in two SQL round trips per table."""
     baselines = _baselines(session, model_id)
     sums = _sums(session, model_id, mode=mode, channel=channel, since=since)
-    return [_quality(v, m, channel, since, s, baselines.get(v)) for (v, m), s in sorted(sums.items())]
+    start = window_start(since)
+    return [_quality(v, m, channel, start, s, baselines.get(v)) for (v, m), s in sorted(sums.items())]
 
 
 def timeseries(
@@ -324,7 +325,7 @@ def timeseries(
     sums = _sums(session, model_id, channel=channel, since=since, bucket_s=bucket)
     series = []
     for (v, m, start), s in sorted(sums.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1])):
-        item = _quality(v, m, channel, since, s, baselines.get(v)).to_dict()
+        item = _quality(v, m, channel, window_start(since), s, baselines.get(v)).to_dict()
         item["at"] = iso(datetime.fromtimestamp(start, tz=timezone.utc))
         series.append(item)
     return series

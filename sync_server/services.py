@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import retention
 from .artifacts import ArtifactStore
 from .bundles import load_trusted_keys
 from .config import ServerConfig
@@ -133,6 +134,7 @@ class Services:
                 name="push-watch",
             ),
             asyncio.create_task(self.reconciler.run(), name="serving-reconciler"),
+            asyncio.create_task(retention.run(self.db, self.config.retention, self._background), name="telemetry-retention"),
         ]
         log.info(
             "sync-server started",
