@@ -226,7 +226,7 @@ def model_page(request: Request, name: ModelName, done: str | None = Query(None,
     if session is None:
         return _to_login(request)
     try:
-        page = _views.model_page(_services(request), name)
+        page = _views.model_page(_services(request), name, channel=channel, hours=hours)
     except SyncServerError as exc:
         return _page(request, "error.html", exc.status, session=session, title="Not found", message=exc.message)
     channels = [c["channel"] for c in page["channels"]]

@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from .. import quality
 from ..db import as_utc, iso
 from ..models import Channel, Device, DeviceStatus
 from ..registry import find_model
@@ -83,13 +84,14 @@ def overview(services: Services) -> list[dict[str, Any]]:
     return models
 
 
-def model_page(services: Services, name: str) -> dict[str, Any]:
-    """Everything on a model's page except the chart series (those come as JSON)."""
+def model_page(services: Services, name: str, *, channel: str | None = None, hours: float = 24) -> dict[str, Any]:
+    """Everything on a model's page except the chart series (those come as JSON); the quality figures
+    cover the last `hours` of `channel` (None: every channel)."""
     model = services.registry.get_model(name)
     versions = [services.registry.get_version(name, v, with_manifest=False) for v in model["versions"]]
-    channels = [services.rollouts.get(name, channel) for channel in sorted(model["channels"])]
+    channels = [services.rollouts.get(name, c) for c in sorted(model["channels"])]
     devices, per_version = _devices(services, name)
-    figures = current_figures(services, name, channels)
+    figures = current_figures(services, name, channel=channel if channel in model["channels"] else None, hours=hours)
     for version in versions:
         version["figures"] = [f for f in figures if f["version"] == version["version"]]
         version["devices"] = per_version.get(version["version"], {"running": 0, "online": 0, "assigned": 0, "stalled": 0})
@@ -155,51 +157,23 @@ def _devices(services: Services, name: str) -> tuple[list[dict[str, Any]], dict[
     return devices, per_version
 
 
-def _quality() -> Any:
-    """`sync_server.quality`, or None on a server without it."""
-    try:
-        from .. import quality
-    except ImportError:
-        return None
-    return quality if hasattr(quality, "version_quality") and hasattr(quality, "timeseries") else None
-
-
-def current_figures(services: Services, name: str, channels: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per version (and mode): the quality figures now, all channels together."""
-    quality = _quality()
-    if quality is None:
-        summary = services.devices.telemetry_summary(name)
-        return [
-            {
-                "version": v["version"], "mode": "serving", "reports": v["reports"], "devices": v["devices"],
-                "predictions": v["predictions"], "fallback_rate": v["fallback_rate"],
-                "latency_p50_ms": v["latency_ms"]["p50_mean"], "latency_p99_ms": v["latency_ms"]["p99_max"],
-            }
-            for v in summary["versions"]
-        ]
-    wanted = {(v, "serving") for v in services.registry.get_model(name)["versions"]}
-    wanted |= {(c["rollout"]["version"], "shadow") for c in channels if c["rollout"] and c["rollout"].get("mode") == "shadow"}
-    figures = []
+def current_figures(services: Services, name: str, *, channel: str | None, hours: float) -> list[dict[str, Any]]:
+    """Per version and mode with reports in the last `hours` (one channel, or all): the quality figures."""
+    since = datetime.now(timezone.utc) - timedelta(hours=hours)
     with services.db.read() as session:
         model_id = find_model(session, name).id
-        for version, mode in sorted(wanted):
-            figure = quality.version_quality(session, model_id, version, mode=mode).to_dict()
-            if figure.get("reports") or mode == "shadow":
-                figures.append(figure)
-    return figures
+        return [q.to_dict() for q in quality.versions_quality(session, model_id, channel=channel, since=since)]
 
 
 def chart_series(services: Services, name: str, *, channel: str | None, hours: float) -> dict[str, Any]:
     """The charts' data: hourly buckets (labels) and, per chart, one dataset per version and mode."""
     since = datetime.now(timezone.utc) - timedelta(hours=hours)
-    quality = _quality()
     with services.db.read() as session:
         model_id = find_model(session, name).id
-        if quality is not None:
-            rows = quality.timeseries(session, model_id, channel=channel, since=since, bucket_s=3600)
-        else:
-            rows = _telemetry_series(session, model_id, since)
-    buckets = sorted({str(r["at"]) for r in rows})
+        rows = quality.timeseries(session, model_id, channel=channel, since=since, bucket_s=3600)
+    hours_ = [quality.window_start(since) + timedelta(hours=i) for i in range(int(hours) + 2)]  # type: ignore[operator]
+    now = datetime.now(timezone.utc)
+    buckets = sorted({iso(h) for h in hours_ if h <= now} | {str(r["at"]) for r in rows})  # type: ignore[misc]
     index = {at: i for i, at in enumerate(buckets)}
     charts: dict[str, list[dict[str, Any]]] = {key: [] for key, _, _ in CHARTS}
     groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
@@ -217,36 +191,3 @@ def chart_series(services: Services, name: str, *, channel: str | None, hours: f
                 if any(v is not None for v in data):
                     charts[key].append({"label": label + suffix, "version": version, "mode": mode, "data": data})
     return {"model": name, "channel": channel, "since": iso(since), "buckets": buckets, "charts": charts}
-
-
-def _telemetry_series(session: Any, model_id: int, since: datetime) -> list[dict[str, Any]]:
-    """Hourly figures from the raw telemetry rows, for a server without `sync_server.quality`."""
-    from ..models import Telemetry
-
-    rows = session.execute(
-        select(Telemetry.version, Telemetry.device_id, Telemetry.received_at, Telemetry.predictions, Telemetry.fallbacks,
-               Telemetry.latency_p50_ms, Telemetry.latency_p99_ms)
-        .join(Device, Device.id == Telemetry.device_id)
-        .where(Device.model_id == model_id, Telemetry.received_at >= since)
-    ).all()
-    acc: dict[tuple[int, str], dict[str, Any]] = {}
-    for version, device_id, at, predictions, fallbacks, p50, p99 in rows:
-        hour = as_utc(at).replace(minute=0, second=0, microsecond=0)  # type: ignore[union-attr]
-        item = acc.setdefault((version, iso(hour)), {"devices": set(), "predictions": 0, "fallbacks": 0, "p50": [], "p99": []})  # type: ignore[arg-type]
-        item["devices"].add(device_id)
-        item["predictions"] += predictions
-        item["fallbacks"] += fallbacks
-        if p50 is not None:
-            item["p50"].append((p50, predictions))
-        if p99 is not None:
-            item["p99"].append(p99)
-    out = []
-    for (version, at), item in acc.items():
-        weight = sum(w for _, w in item["p50"]) or 1
-        out.append({
-            "version": version, "mode": "serving", "at": at, "devices": len(item["devices"]),
-            "fallback_rate": item["fallbacks"] / item["predictions"] if item["predictions"] else None,
-            "latency_p50_ms": sum(v * w for v, w in item["p50"]) / weight if item["p50"] else None,
-            "latency_p99_ms": max(item["p99"]) if item["p99"] else None,
-        })
-    return out
