@@ -95,6 +95,14 @@ def _parser() -> OneLineParser:
     run.add_argument("--crash-retry", type=float, default=None, metavar="S",
                      help="try a version refused for crashes again after S seconds, doubling each time (default 1800)")
     run.add_argument("--public-key", type=Path, default=None, help="publisher key (default: $EDGE_CLASSIFY_PUBLIC_KEY or HOME/trusted.pub)")
+    run.add_argument("--shadow", action=argparse.BooleanOptionalAction, default=True,
+                     help="run the version the server names as shadow beside the served one, off the request path (default on)")
+    run.add_argument("--shadow-min-free-mb", type=float, default=None, metavar="MB",
+                     help="install a shadow version only if the disk keeps this much free after it (default 64)")
+    run.add_argument("--shadow-max-model-mb", type=float, default=None, metavar="MB",
+                     help="the largest model this device loads as a second, shadow model (default 256)")
+    run.add_argument("--shadow-queue", type=int, default=None, metavar="N",
+                     help="sampled photos waiting for the shadow model; beyond it they are dropped, counted (default 16)")
     run.add_argument("--verbose", "-v", action="store_true", help="log every step")
     run.set_defaults(run=_run)
 
@@ -131,7 +139,7 @@ def _enroll(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from .daemon import Agent
-    from .options import AgentOptions, HealthPolicy, RetryOptions, ServeOptions
+    from .options import AgentOptions, HealthPolicy, RetryOptions, ServeOptions, ShadowOptions
 
     _configure_logging(args.verbose)
 
@@ -150,6 +158,10 @@ def _run(args: argparse.Namespace) -> int:
                           ("telemetry_period_s", args.telemetry_period)):
         if value is not None:
             values[option] = value
+    values["shadow"] = ShadowOptions(enabled=args.shadow, **given(
+        ("min_free_bytes", None if args.shadow_min_free_mb is None else int(args.shadow_min_free_mb * 1024 * 1024)),
+        ("max_model_bytes", None if args.shadow_max_model_mb is None else int(args.shadow_max_model_mb * 1024 * 1024)),
+        ("queue_size", args.shadow_queue)))
     options = AgentOptions(**values)
     try:
         agent = Agent.create_from_options(options)

@@ -29,6 +29,7 @@ from .manager import Manager, Reporter
 from .options import AgentOptions
 from .outbox import Outbox, OutboxSender
 from .servable import Loader, ServableHandle, make_loader
+from .shadow import ShadowKeeper, ShadowRunner
 from .serving import Classify, LocalApi
 from .source import AssignmentSource
 from .state import AgentState
@@ -74,6 +75,10 @@ class Agent:
         )
         self.health = HealthMonitor(options.health, self.state, self.manager.unhealthy)
         self.manager.health = self.health
+        # the assignment's shadow version: a second store, one interpreter thread, run off the request path
+        self.shadow = ShadowRunner(self.telemetry.record_shadow, queue_size=options.shadow.queue_size, marker=self.manager.marker)
+        self.manager.shadow = ShadowKeeper(self.manager, self.shadow, loader or make_loader(self.public_key, self.paths.home, 1),
+                                           ModelStore(self.paths.home / "shadow"))
         self.source = AssignmentSource(
             self.client, identity.device_id, options, self.manager.aspire, on_reachable=self.sender.kick,
             on_refused=self._assignment_refused,
@@ -88,7 +93,7 @@ class Agent:
             fallback = FallbackClient(FallbackOptions(identity.server, options.timeouts.fallback_s, identity.token))
         classify = Classify(
             self.handle, options, fallback=fallback, record=self.telemetry.record, health=self.health.record,
-            updating=lambda: self.manager.updating is not None,
+            updating=lambda: self.manager.updating is not None, on_classified=self.shadow.offer,
         )
         self.api = LocalApi(classify, self.status, options, following=self.source.following)
         self.started_at: float | None = None
@@ -132,6 +137,7 @@ class Agent:
         self.supervisor.stop()
         self.source.stop()
         self.manager.stop()
+        self.shadow.stop()
         self.api.stop()
         self.sender.stop()
         self.handle.swap(None)
@@ -208,6 +214,7 @@ class Agent:
             "restarts": dict(self.supervisor.restarts),
             "outbox": {"queued": self.outbox.count(), "sent": self.sender.sent_count, "dropped": self.sender.dropped_count,
                        "last_error": self.sender.last_error},
+            "shadow": self.manager.shadow.status() if self.manager.shadow is not None else None,
             "events": list(self.manager.events)[-10:],
             "pid": os.getpid(),
             "url": self.url,

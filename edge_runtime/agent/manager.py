@@ -22,6 +22,11 @@ Faults of the device are not faults of a release:
   interpreter (`CallMarker`); a power cut or a kill between calls counts against none, and a version
   refused for crashes is tried again after `HealthPolicy.crash_retry_s`;
 - an installed version whose files are damaged is deleted and downloaded again, never refused.
+
+The assignment's shadow version (a candidate run beside the served one, never served) is the
+`ShadowKeeper`'s (`shadow.py`), on this thread after each step: it shares the downloader, the
+verifier and the marker, comes after the served version (a newer assignment interrupts its
+download; a full disk drops it) and its faults never count against the version served.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..bundles import load_bundle
 from ..errors import BundleRejectedError, EdgeRuntimeError, ModelLoadError, StoreError
@@ -49,6 +54,9 @@ from .outbox import Outbox, OutboxSender
 from .retry import backoff_delay
 from .servable import CallMarker, Loader, Servable, ServableHandle
 from .state import AgentState
+
+if TYPE_CHECKING:
+    from .shadow import ShadowKeeper
 
 log = logging.getLogger("edge_agent.manager")
 
@@ -133,6 +141,7 @@ class Manager:
         self.options = options
         self.public_key = public_key
         self.health: HealthMonitor | None = None
+        self.shadow: ShadowKeeper | None = None  # set by the daemon: the assignment's shadow version
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=50)
         self.updating: ModelRef | None = None
         self.last_error: str | None = None
@@ -159,14 +168,30 @@ class Manager:
         self._aspired = assignment
         if self.updating is not None and assignment.ref != self.updating:
             self.downloader.interrupt()
+        elif self._shadow_superseded(assignment) is not None:
+            self.downloader.interrupt()
         self._wake.set()
 
     def _superseded_by(self) -> str | None:
         """The newer assignment that replaces the version being downloaded, if one came."""
         aspired, updating = self._aspired, self.updating
+        if aspired is not None and updating is None:
+            return self._shadow_superseded(aspired)
         if aspired is None or updating is None or aspired.ref == updating:
             return None
         return f"the newer assignment {aspired.ref}" if aspired.ref else "the server's newer assignment"
+
+    def _shadow_superseded(self, aspired: Assignment) -> str | None:
+        """The newer assignment that stops the shadow download in flight: another shadow, or a version to switch to."""
+        installing = self.shadow.updating if self.shadow is not None else None
+        if installing is None:
+            return None
+        if aspired.shadow_ref != installing:
+            return f"the newer assignment's shadow {aspired.shadow_ref}" if aspired.shadow_ref else "the newer assignment (no shadow)"
+        current = self.handle.current
+        if aspired.ref is not None and (current is None or current.ref != aspired.ref) and self.state.refused(aspired.ref) is None:
+            return f"the newer assignment {aspired.ref}"
+        return None
 
     def unhealthy(self, ref: ModelRef, reason: str, details: dict[str, Any]) -> None:
         """The health monitor says `ref` must go."""
@@ -187,9 +212,14 @@ class Manager:
             self._load_current()
 
     def _count_crash(self) -> None:
-        inside = self.marker.found
+        found = self.marker.found
+        inside = [(ref, step) for ref, step in found if not step.startswith("shadow_")]  # a candidate's crash is its own
+        if self.shadow is not None and len(inside) < len(found) and not self.state.rebooted:
+            self.shadow.crashed(found)
         if self.state.rebooted:
             log.warning("the device restarted since the last run (a power cut or a reboot): counted against no version")
+            return
+        if not inside and found:
             return
         if not inside:
             log.warning("the last run was killed between model calls (a kill or a power cut): counted against no version")
@@ -207,6 +237,8 @@ class Manager:
     def _clean_start(self) -> None:
         """Remove what killed work left: half-copied versions, temporary files, staging folders."""
         removed = [str(p) for p in self.store.clean_leftovers()]
+        if self.shadow is not None:
+            removed += [str(p) for p in self.shadow.store.clean_leftovers()]
         folder = self.downloader.folder
         if folder.is_dir():
             for path in folder.iterdir():
@@ -258,11 +290,15 @@ class Manager:
         if assignment is None:
             return
         key = (assignment.ref, assignment.etag)
-        if key == self._attempted and (self._retry_at is None or time.monotonic() < self._retry_at):
-            return
-        self._attempted = key
-        self._retry_at = None
-        self._reconcile(assignment)
+        if key != self._attempted or (self._retry_at is not None and time.monotonic() >= self._retry_at):
+            self._attempted = key
+            self._retry_at = None
+            self._reconcile(assignment)
+        if self.shadow is not None and self._aspired is assignment and self.updating is None:
+            try:
+                self.shadow.step(assignment)
+            except Exception:  # noqa: BLE001  (a shadow bug never stops the served version's updates)
+                log.exception("the shadow step failed")
 
     # --- reconciling ----------------------------------------------------------------------------
 
@@ -320,7 +356,7 @@ class Manager:
                 self.store.discard(target)
                 installed = False
         if not installed:
-            staging = self._download(assignment, stats)
+            staging = self._staging_from_shadow(target) or self._download(assignment, stats)
             try:
                 self.store.install(staging, target, verify=self._verifier(target), link=True)
             except BundleRejectedError as exc:
@@ -362,6 +398,26 @@ class Manager:
             + f"; load {load_ms:.0f} ms; smoke test {sum(c['passed'] for c in smoke['cases'])}/{len(smoke['cases'])})"
         )
         self._event("switched", target, message, details)
+
+    def _staging_from_shadow(self, target: ModelRef) -> Path | None:
+        """A bundle folder of `target` linked from its verified shadow copy (a promotion downloads nothing)."""
+        folder = self.shadow.installed(target) if self.shadow is not None else None
+        if folder is None:
+            return None
+        staging = self.downloader.folder / f"bundle-{target.name}-{target.version}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        for path in folder.iterdir():
+            if path.is_file():
+                _link_or_copy(path, staging / path.name)
+        try:
+            self._verifier(target)(staging)
+        except BundleRejectedError as exc:
+            log.warning("the shadow copy of %s is damaged (%s): downloading it", target, exc)
+            shutil.rmtree(staging, ignore_errors=True)
+            return None
+        log.info("%s: using the files verified for its shadow run (nothing to download)", target)
+        return staging
 
     def _download(self, assignment: Assignment, stats: DownloadStats) -> Path:
         """Fetch the assignment's files (resuming partial ones) into a bundle folder."""
@@ -542,6 +598,8 @@ class Manager:
 
     def _on_disk_full(self, target: ModelRef, exc: DiskFullError) -> None:
         """`disk_full`: free what is safe, say so once, try again with backoff (never a refusal)."""
+        if self.shadow is not None and self.shadow.runner.current is not None:  # the version served comes first
+            self.shadow.drop(self.shadow.runner.current.ref, f"the disk has no room for {target}")
         freed = self._free_space()
         first = self.disk_full is None or self.disk_full.get("version") != target.version
         self.disk_full = {"since": (self.disk_full or {}).get("since", time.time()), "version": target.version,
@@ -586,6 +644,8 @@ class Manager:
         if not folder.is_dir():
             return
         wanted = {remote.sha256 for remote in assignment.files.values()}
+        if assignment.shadow is not None:
+            wanted |= {remote.sha256 for remote in assignment.shadow.files.values()}
         for path in folder.iterdir():
             if path.is_file() and path.name.split(".")[0] not in wanted:
                 path.unlink(missing_ok=True)

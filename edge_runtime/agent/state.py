@@ -8,6 +8,8 @@
     refused     versions that failed a step or were rolled back, with why: not tried again until
                 the server assigns some other version, or, for a transient reason (crashes), until
                 `retry_at` (each new refusal of the same version doubles the wait)
+    shadow_refused  shadow versions that failed a step or crashed the agent, with why: not run in
+                shadow again until the server names another shadow version
 
 A damaged file (empty, random, half-written, wrong types) is read as an empty state, with a warning:
 what it forgets is at worst one more try of a refused version.
@@ -143,6 +145,26 @@ class AgentState:
                 self._data["refused"] = keep
                 self._write()
 
+    def refuse_shadow(self, ref: ModelRef, step: str, reason: str) -> None:
+        """Run `ref` in shadow no more (until the server names another shadow version)."""
+        with self._lock:
+            self._data["shadow_refused"][ref_key(ref)] = {"step": step, "reason": reason, "at": time.time()}
+            self._write()
+
+    def shadow_refused(self, ref: ModelRef) -> dict[str, Any] | None:
+        with self._lock:
+            refusal = self._data["shadow_refused"].get(ref_key(ref))
+            return dict(refusal) if refusal else None
+
+    def forget_shadow_refusals_except(self, ref: ModelRef | None) -> None:
+        """The server now names `ref` (or nothing) as the shadow: earlier shadow refusals no longer apply."""
+        with self._lock:
+            old = self._data["shadow_refused"]
+            keep = {k: v for k, v in old.items() if ref is not None and k == ref_key(ref)}
+            if keep != old:
+                self._data["shadow_refused"] = keep
+                self._write()
+
     def begin_loading(self, ref: ModelRef) -> int:
         """Note that `ref` is being loaded; returns how many earlier runs crashed while loading it."""
         with self._lock:
@@ -204,6 +226,9 @@ def _valid(data: dict[str, Any]) -> dict[str, Any]:
         out["boot_id"] = data["boot_id"][:64]
     refused = data.get("refused")
     out["refused"] = {k: v for k, v in refused.items() if isinstance(k, str) and isinstance(v, dict)} if isinstance(refused, dict) else {}
+    shadow = data.get("shadow_refused")
+    out["shadow_refused"] = ({k: v for k, v in shadow.items() if isinstance(k, str) and isinstance(v, dict)}
+                             if isinstance(shadow, dict) else {})
     loading = data.get("loading")
     if isinstance(loading, dict) and isinstance(loading.get("key"), str) and isinstance(loading.get("crashes", 0), int):
         out["loading"] = {"key": loading["key"], "crashes": loading.get("crashes", 0)}
