@@ -29,7 +29,8 @@ import httpx
 import numpy as np
 import pytest
 
-from preprocessing import PreprocessSpec, preprocess
+from converter.serving import add_pixel_signatures
+from preprocessing import PreprocessSpec, preprocess, preprocess_pixels
 from sync_server import TFServingOptions
 from sync_server.errors import BackendFailedError, BackendUnavailableError
 from sync_server.predict.embedded import EmbeddedPredictor
@@ -129,12 +130,15 @@ def served(publisher, tmp_path_factory):  # noqa: F811
     other = _keras_saved_model(root / "other", spec.height, classes=len(publisher.labels))
     shutil.copy(tiny / "preprocess_spec.json", other / "preprocess_spec.json")
     m96, m224 = _keras_saved_model(root / "m96", 96), _keras_saved_model(root / "m224", 224)
+    p96, p224 = add_pixel_signatures(m96, root / "p96"), add_pixel_signatures(m224, root / "p224")
     repo = ServingRepository(root / "repo")
     for version, source in ((1, tiny), (2, other)):
         shutil.copytree(source, repo.path_of(MODEL, version))
     models = {
         f"{MODEL}-1": str(tiny), f"{MODEL}-1u": f"{tiny}:uint8", f"{MODEL}-2": str(other),
         "m96-1": str(m96), "m96-1u": f"{m96}:uint8", "m224-1": str(m224), "m224-1u": f"{m224}:uint8",
+        # version 1 exported with the converter's pixel signatures (KServe serves `pixels`), version 2 without
+        "p96-1": f"{p96}:pixels", "p96-2": str(m96), "p224-1": f"{p224}:pixels", "p224-2": str(m224),
     }  # fmt: skip
     server = KServe(models, root / "kserve.log")
     try:
@@ -234,6 +238,40 @@ def test_bytes_on_the_wire_per_photo(served, size, record_property):
         assert uint8_bytes <= 160_000, "the issue's target: at most 160 KB per 224x224 photo"
     record_property("oip_request_bytes", {"FP32": fp32_bytes, "UINT8": uint8_bytes})
     print(f"OIP binary request body, {size}x{size}: FP32 {fp32_bytes} B, UINT8 {uint8_bytes} B")
+
+
+@pytest.mark.parametrize("size", [96, 224])
+def test_a_version_with_the_pixels_signature_gets_the_devices_uint8_pixels_and_one_without_gets_floats(served, size, demo_dataset):
+    from sync_server.config import BatchingOptions, UploadLimits
+    from sync_server.predict.service import PredictionService
+
+    server, _, _ = served
+    spec = PreprocessSpec().replace(height=size, width=size)  # the spec _keras_saved_model writes
+    pixels = preprocess_pixels(photo_bytes(demo_dataset, "book"), spec)
+    labels = ("a", "b", "c", "d")
+    info = type("Info", (), {"float_spec": spec, "labels": labels})()
+
+    async def story():
+        predictor = OIPPredictor(_options(server.url), version_in="name")
+        service = PredictionService(predictor, lambda _n, _v: info, BatchingOptions(enabled=False), UploadLimits())
+        try:
+            answers = {}
+            for version in (1, 2):
+                result = await service.predict_pixels(f"p{size}", version, pixels, top_k=4)
+                scores = {c.label: c.score for c in result.top_k}
+                answers[version] = ([scores[label] for label in labels], predictor.last_request_bytes,
+                                    (await predictor.model_info(f"p{size}", version)).input.datatype)
+            return answers
+        finally:
+            await service.aclose()
+
+    (by_pixels, uint8_bytes, kind1), (by_float, float_bytes, kind2) = _run(story()).values()
+    assert (kind1, kind2) == ("UINT8", "FP32")
+    assert pixels.nbytes < uint8_bytes < pixels.nbytes + 400 and 4 * pixels.nbytes < float_bytes < 4 * pixels.nbytes + 400
+    assert np.allclose(by_pixels, by_float, atol=1e-5), "the graph normalises as preprocessing.normalise does"
+    if size == 224:
+        assert uint8_bytes <= 160_000
+    print(f"OIP through the service, {size}x{size}: version with pixels UINT8 {uint8_bytes} B, without FP32 {float_bytes} B")
 
 
 def test_a_version_kserve_has_not_loaded_is_a_clear_503_and_versioned_paths_are_named(served, publisher):  # noqa: F811
