@@ -3,6 +3,8 @@
     edge-agent enroll --server URL --secret SECRET [--model NAME] [--channel C] [--name N] [--public-key KEY]
     edge-agent run [--port P] [--host H] [--poll-interval S] [--no-push] [--policy availability|resource] ...
     edge-agent status [--json]
+    edge-agent samples [--json] [--dir DIR]        low-confidence photos kept by `run --keep-low-confidence`
+    edge-agent samples export DEST [--since WHEN]  copy them into DEST/<predicted label>/ (+ manifest.jsonl)
     edge-agent path
 
 Every command takes --home DIR (default `$EDGE_CLASSIFY_HOME`, the store `edge-classify` uses).
@@ -95,6 +97,10 @@ def _parser() -> OneLineParser:
     run.add_argument("--crash-retry", type=float, default=None, metavar="S",
                      help="try a version refused for crashes again after S seconds, doubling each time (default 1800)")
     run.add_argument("--public-key", type=Path, default=None, help="publisher key (default: $EDGE_CLASSIFY_PUBLIC_KEY or HOME/trusted.pub)")
+    run.add_argument("--keep-low-confidence", default=None, metavar="DIR|on",
+                     help="opt-in: keep photos answered below the threshold, for training (on: HOME/agent/samples)")
+    run.add_argument("--keep-max-mb", type=float, default=None, metavar="MB",
+                     help="disk for kept photos; the oldest go first (default 100)")
     run.add_argument("--shadow", action=argparse.BooleanOptionalAction, default=True,
                      help="run the version the server names as shadow beside the served one, off the request path (default on)")
     run.add_argument("--shadow-min-free-mb", type=float, default=None, metavar="MB",
@@ -109,6 +115,18 @@ def _parser() -> OneLineParser:
     status = sub.add_parser("status", parents=[common], help="the device, its server, current and previous versions")
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.set_defaults(run=_status)
+
+    samples = sub.add_parser("samples", parents=[common], help="the low-confidence photos this device kept (list, export)")
+    samples.add_argument("--dir", type=Path, default=None, help="the samples folder (default: where the agent keeps them)")
+    samples.add_argument("--json", action="store_true", help="print one JSON object")
+    samples.set_defaults(run=_samples)
+    samples_sub = samples.add_subparsers(dest="samples_command", metavar="ACTION", parser_class=OneLineParser)
+    export = samples_sub.add_parser("export", help="copy them into DEST/<predicted label>/ with a manifest.jsonl")
+    export.add_argument("dest", type=Path, metavar="DEST")
+    export.add_argument("--since", default=None, metavar="WHEN", help="only those kept since: 2026-12-01, 2026-12-01T09:30, 24h, 7d")
+    export.add_argument("--dir", type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # also after `export`
+    export.add_argument("--home", type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    export.set_defaults(run=_samples_export)
 
     path = sub.add_parser("path", parents=[common], help="print where the device's files are")
     path.set_defaults(run=_path)
@@ -162,6 +180,19 @@ def _run(args: argparse.Namespace) -> int:
         ("min_free_bytes", None if args.shadow_min_free_mb is None else int(args.shadow_min_free_mb * 1024 * 1024)),
         ("max_model_bytes", None if args.shadow_max_model_mb is None else int(args.shadow_max_model_mb * 1024 * 1024)),
         ("queue_size", args.shadow_queue)))
+    if args.keep_low_confidence is not None or args.keep_max_mb is not None:
+        from .config import AgentPaths
+        from .options import SampleOptions
+        from .samples import DEFAULT_FOLDER_NAME, DEFAULT_MAX_MB
+
+        if args.keep_low_confidence is None:
+            raise SystemExit(_usage_error("edge-agent run", "--keep-max-mb needs --keep-low-confidence DIR|on"))
+        keep = args.keep_low_confidence
+        folder = AgentPaths.at(args.home).agent_dir / DEFAULT_FOLDER_NAME if keep == "on" else Path(keep)
+        megabytes = args.keep_max_mb if args.keep_max_mb is not None else DEFAULT_MAX_MB
+        if not megabytes > 0:
+            raise ValueError(f"--keep-max-mb must be a positive number, got {megabytes:g}")
+        values["samples"] = SampleOptions(folder=folder, max_bytes=int(megabytes * 1024 * 1024))
     options = AgentOptions(**values)
     try:
         agent = Agent.create_from_options(options)
@@ -233,6 +264,54 @@ def _status(args: argparse.Namespace) -> int:
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         print(f"{label:<{width}}  {value}")
+    return EXIT_OK
+
+
+def _samples_folder(args: argparse.Namespace) -> Path:
+    from .config import AgentPaths
+    from .samples import folder_for
+
+    return args.dir if args.dir is not None else folder_for(AgentPaths.at(args.home).agent_dir)
+
+
+def _samples(args: argparse.Namespace) -> int:
+    from .samples import list_samples
+
+    folder = _samples_folder(args)
+    found = list_samples(folder)
+    labels: dict[str, int] = {}
+    for sample in found:
+        labels[sample.label] = labels.get(sample.label, 0) + 1
+    size = sum(sample.size for sample in found)
+    if args.json:
+        print(json.dumps({"folder": str(folder), "count": len(found), "bytes": size, "labels": labels,
+                          "oldest": found[0].meta.get("time_utc") if found else None,
+                          "newest": found[-1].meta.get("time_utc") if found else None}, indent=2))
+        return EXIT_OK
+    if not found:
+        hint = "" if folder.is_dir() else " (the agent keeps them with `edge-agent run --keep-low-confidence on`)"
+        print(f"no samples in {folder}{hint}")
+        return EXIT_OK
+    print(f"{len(found)} sample{'s' if len(found) != 1 else ''}, {size / 1e6:.1f} MB in {folder}, "
+          f"{found[0].meta.get('time_utc')} .. {found[-1].meta.get('time_utc')}")
+    width = max(len(label) for label in labels)
+    for label, count in sorted(labels.items(), key=lambda item: (-item[1], item[0])):
+        print(f"  {label:<{width}}  {count}")
+    return EXIT_OK
+
+
+def _samples_export(args: argparse.Namespace) -> int:
+    from .samples import export_samples, parse_since
+
+    since = parse_since(args.since) if args.since is not None else None
+    folder = _samples_folder(args)
+    if not folder.is_dir():
+        raise EdgeRuntimeError(f"no samples folder at {folder} (give it with --dir, or run the agent with --keep-low-confidence)")
+    result = export_samples(folder, args.dest, since=since)
+    labels = ", ".join(f"{label} {count}" for label, count in sorted(result.labels.items()))
+    again = f"; {result.already_there} already there" if result.already_there else ""
+    print(f"exported {result.copied} photo{'s' if result.copied != 1 else ''} to {args.dest}{f' ({labels})' if labels else ''}{again}")
+    print(f"manifest {result.manifest}")
     return EXIT_OK
 
 

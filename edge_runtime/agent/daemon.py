@@ -91,9 +91,11 @@ class Agent:
         fallback = None
         if options.fallback != "never":
             fallback = FallbackClient(FallbackOptions(identity.server, options.timeouts.fallback_s, identity.token))
+        self.samples = _sample_store(options, self.paths)  # None unless --keep-low-confidence
         classify = Classify(
             self.handle, options, fallback=fallback, record=self.telemetry.record, health=self.health.record,
             updating=lambda: self.manager.updating is not None, on_classified=self.shadow.offer,
+            keep=self.samples.offer if self.samples is not None else None,
         )
         self.api = LocalApi(classify, self.status, options, following=self.source.following)
         self.started_at: float | None = None
@@ -143,6 +145,8 @@ class Agent:
         self.handle.swap(None)
         self.state.stop_run()
         self.outbox.close()
+        if self.samples is not None:
+            self.samples.close()
         try:
             self.paths.run_file.unlink()
         except OSError:
@@ -212,6 +216,7 @@ class Agent:
             "following": self.source.following(),
             "source": self.source.status(),
             "restarts": dict(self.supervisor.restarts),
+            "samples": self.samples.status() if self.samples is not None else None,
             "outbox": {"queued": self.outbox.count(), "sent": self.sender.sent_count, "dropped": self.sender.dropped_count,
                        "last_error": self.sender.last_error},
             "shadow": self.manager.shadow.status() if self.manager.shadow is not None else None,
@@ -219,6 +224,22 @@ class Agent:
             "pid": os.getpid(),
             "url": self.url,
         }
+
+
+def _sample_store(options: AgentOptions, paths: AgentPaths) -> Any:
+    """The opt-in store of low-confidence photos (None when off); its folder is noted for `edge-agent samples`."""
+    if options.samples.folder is None:
+        return None
+    from .samples import POINTER_NAME, SampleStore
+
+    store = SampleStore(options.samples.folder, options.samples.max_bytes)
+    try:
+        temp = paths.agent_dir / (POINTER_NAME + ".tmp")
+        temp.write_text(str(store.folder.resolve()) + "\n", encoding="utf-8")
+        os.replace(temp, paths.agent_dir / POINTER_NAME)
+    except OSError:
+        pass  # a full disk: `edge-agent samples --dir` still finds it
+    return store
 
 
 def _alive(loop: Any) -> bool:
