@@ -7,6 +7,7 @@ flag and its variable cannot drift apart. Precedence: flag, then environment var
 
 from __future__ import annotations
 
+import argparse
 import os
 import secrets
 from dataclasses import dataclass, field, fields, replace
@@ -91,6 +92,89 @@ class RolloutOptions:
 
     failure_threshold: float = 0.2
     min_reports: int = 5
+    #: Seconds between two evaluations of a channel's quality gates after telemetry reports (a flood of
+    #: reports costs one evaluation per channel per this many seconds; 0: after every report).
+    quality_check_s: float = 5.0
+    #: Gate the promotion of every canary rollout on quality, not only shadow rollouts and rollouts
+    #: started with `gates` (a failed gate pauses any rollout either way).
+    gate_every_rollout: bool = False
+
+
+#: The quality gates' fields that are margins or limits on a rate (0..1).
+_GATE_RATES = ("max_fallback_rate_increase", "max_low_confidence_increase", "max_disagreement_increase",
+               "min_shadow_agreement", "max_class_jsd")
+
+
+@dataclass(frozen=True)
+class QualityGates:
+    """When a rollout's version may move on (shadow -> canary -> the channel) and when it pauses itself.
+
+    Figures are taken over the last `window_s` seconds since the rollout (re)started; each gate judges
+    only when both sides have at least `min_predictions` (else "not enough data": a step is refused, a
+    rollout never pauses for it). Increases are absolute, candidate minus the channel's current version;
+    `max_class_jsd` is the Jensen-Shannon divergence (base 2, 0..1) of the candidate's predicted classes
+    from its bundle baseline; `max_input_shift` the largest per-channel mean shift in baseline stds.
+    """
+
+    window_s: float = 3600.0
+    min_predictions: int = 200
+    max_fallback_rate_increase: float = 0.05
+    max_low_confidence_increase: float = 0.05
+    max_disagreement_increase: float = 0.05
+    min_shadow_agreement: float = 0.90
+    max_class_jsd: float = 0.10
+    max_input_shift: float = 1.0
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
+                raise ConfigError(f"quality gate {item.name} must be a number of at least 0, got {value!r}")
+            if item.name in _GATE_RATES and value > 1:
+                raise ConfigError(f"quality gate {item.name} must be 0..1, got {value!r}")
+        if self.window_s <= 0:
+            raise ConfigError(f"quality gate window_s must be more than 0 seconds, got {self.window_s!r}")
+        if int(self.min_predictions) != self.min_predictions or self.min_predictions < 1:
+            raise ConfigError(f"quality gate min_predictions must be a whole number of at least 1, got {self.min_predictions!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {item.name: getattr(self, item.name) for item in fields(self)}
+
+    def with_overrides(self, overrides: Mapping[str, Any] | None) -> "QualityGates":
+        """These gates with some fields replaced (a rollout's own gates); ConfigError for an unknown field."""
+        if not overrides:
+            return self
+        known = {item.name for item in fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(f"unknown quality gate {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        return replace(self, **dict(overrides))
+
+    @classmethod
+    def parse(cls, text: str) -> "QualityGates":
+        """Gates from JSON (`{"min_predictions": 500}`; missing fields keep their defaults) or a JSON file's path."""
+        import json
+
+        source = str(text).strip()
+        if not source.startswith("{"):
+            try:
+                source = Path(source).expanduser().read_text(encoding="utf-8")
+            except OSError as exc:
+                raise _BadValue(f"not a JSON object and not a readable file ({exc.strerror or exc})") from None
+        try:
+            data = json.loads(source)
+        except json.JSONDecodeError as exc:
+            raise _BadValue(f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+        if not isinstance(data, dict):
+            raise _BadValue("must be a JSON object of gate fields")
+        try:
+            return cls().with_overrides(data)
+        except ConfigError as exc:
+            raise _BadValue(exc.message) from None
+
+
+class _BadValue(ValueError, argparse.ArgumentTypeError):
+    """A value a setting's parser refuses, with a message argparse shows as it is."""
 
 
 @dataclass(frozen=True)
@@ -160,6 +244,7 @@ class ServerConfig:
     batching: BatchingOptions = field(default_factory=BatchingOptions)
     limits: UploadLimits = field(default_factory=UploadLimits)
     rollout: RolloutOptions = field(default_factory=RolloutOptions)
+    quality_gates: QualityGates = field(default_factory=QualityGates)
     connections: ConnectionOptions = field(default_factory=ConnectionOptions)
     throttle: ThrottleOptions = field(default_factory=ThrottleOptions)
     retention: RetentionOptions = field(default_factory=RetentionOptions)
@@ -308,6 +393,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits.decode_wait_s", "--decode-wait", float, "seconds a photo waits for room in the decode budget before 503 busy (default 2)", "S"),
     Setting("rollout.failure_threshold", "--rollout-failure-threshold", float, "failed fraction of device reports that pauses a rollout (default 0.2)", "F"),
     Setting("rollout.min_reports", "--rollout-min-reports", int, "reports needed before a rollout can pause itself (default 5)", "N"),
+    Setting("quality_gates", "--quality-gates", QualityGates.parse, "a rollout's quality gates as JSON or a JSON file, e.g. '{\"min_predictions\": 500, \"max_class_jsd\": 0.2}' (fields: window_s, min_predictions, max_fallback_rate_increase, max_low_confidence_increase, max_disagreement_increase, min_shadow_agreement, max_class_jsd, max_input_shift)", "JSON|FILE"),
+    Setting("quality_gates.min_predictions", "--gate-min-predictions", int, "predictions each side needs before a quality gate judges (default 200)", "N"),
+    Setting("quality_gates.window_s", "--gate-window", float, "seconds of telemetry the quality gates look at (default 3600)", "S"),
+    Setting("rollout.gate_every_rollout", "--gate-every-rollout", _bool, "promoting any canary rollout waits for its quality gates, not only shadow rollouts and rollouts started with gates: on or off (default off)", "on|off"),
+    Setting("rollout.quality_check_s", "--quality-check-interval", float, "seconds between two quality-gate checks of one channel after telemetry reports (default 5; 0: every report)", "S"),
     Setting("push_poll_s", "--push-poll", float, "seconds between checks for changes made by other instances (default 1)", "S"),
     Setting("embedded_max_loaded", "--embedded-max-loaded", int, "SavedModels the embedded predictor keeps loaded (default 4)", "N"),
     Setting("embedded_preload", "--embedded-preload", _bool, "load versions in use before their first request: on or off (default on)", "on|off"),
@@ -346,7 +436,7 @@ def build_config(values: Mapping[str, Any]) -> ServerConfig:
     defaults = ServerConfig.__dataclass_fields__
     for group, changes in nested.items():
         factory = defaults[group].default_factory  # type: ignore[misc]
-        top[group] = replace(factory(), **changes)
+        top[group] = replace(top.get(group) or factory(), **changes)  # a whole group given (JSON) is the base
     try:
         return ServerConfig(**top)
     except TypeError as exc:
@@ -384,6 +474,7 @@ def _check(config: ServerConfig) -> None:
         positive(getattr(config.throttle, f"{what}_per_s"), f"the {what} rate", allow_zero=True)
         positive(getattr(config.throttle, f"{what}_burst"), f"the {what} burst")
     positive(config.throttle.max_tracked, "the number of throttled credentials tracked")
+    positive(config.rollout.quality_check_s, "the quality check interval", allow_zero=True)
     positive(config.retention.telemetry_days, "the telemetry retention (days)")
     positive(config.retention.rollup_days, "the rollup retention (days)")
     positive(config.retention.interval_s, "the retention interval")

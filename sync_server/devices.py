@@ -2,8 +2,9 @@
 
 A device enrols once with the enrolment secret and gets an id and a token; the server keeps only the
 token's SHA-256. Every later call carries `Authorization: Bearer TOKEN`. A device follows one model on
-one channel; its assignment is the version `rollout.assigned_version` picks for it, with an ETag that
-changes exactly when the answer does.
+one channel; its assignment is the version `rollout.assigned_version` picks for it (and, in a shadow
+rollout's cohort, the `shadow` version `rollout.assigned_shadow` picks), with an ETag that changes
+exactly when the answer does.
 """
 
 from __future__ import annotations
@@ -25,7 +26,20 @@ from .db import Database, as_utc, bump_revision, iso
 from .errors import AuthenticationError, NotFoundError, PermissionDeniedError
 from .models import Channel, Device, DeviceStatus, Model, RolloutEvent, utcnow
 from .registry import files_view, find_model, find_version, require_version
-from .rollout import ACTIVE, DEFAULT_CHANNEL, PAUSED, Rollouts, assigned_version, bucket, check_channel_name
+from .rollout import (
+    ACTIVE,
+    CANARY,
+    DEFAULT_CHANNEL,
+    PAUSED,
+    SHADOW,
+    Rollouts,
+    assigned_shadow,
+    assigned_version,
+    bucket,
+    check_channel_name,
+    in_cohort,
+    rollout_mode,
+)
 
 log = logging.getLogger("sync_server.devices")
 
@@ -56,6 +70,8 @@ class Assignment:
     version: int | None
     rollout: bool
     etag: str
+    shadow: int | None = None  # a shadow rollout's candidate, run beside `version` on a sample of requests
+    shadow_sample_rate: float | None = None
 
 
 @dataclass(frozen=True)
@@ -67,19 +83,27 @@ class ChannelState:
     rollout_version: int | None
     rollout_percent: float | None
     rollout_state: str | None
+    rollout_mode: str | None = None
+    rollout_sample_rate: float | None = None
 
     @classmethod
     def of(cls, channel: Channel | None) -> "ChannelState | None":
         if channel is None:
             return None
-        return cls(channel.name, channel.version, channel.rollout_version, channel.rollout_percent, channel.rollout_state)
+        return cls(channel.name, channel.version, channel.rollout_version, channel.rollout_percent, channel.rollout_state,
+                   channel.rollout_mode, channel.rollout_sample_rate)
 
 
 def _assignment(device: DeviceIdentity, channel_name: str, channel: ChannelState | None) -> Assignment:
     version, in_rollout = assigned_version(channel, device.model, device.id)  # type: ignore[arg-type]
+    shadow = assigned_shadow(channel, device.model, device.id)
     key = f"{device.model}|{channel_name}|{version}|{int(in_rollout)}"
+    if shadow is not None:
+        key += f"|shadow {shadow[0]} {shadow[1]!r}"
     etag = '"' + hashlib.sha256(key.encode("utf-8")).hexdigest()[:32] + '"'
-    return Assignment(device.id, device.model, channel_name, version, in_rollout, etag)
+    if shadow is None:
+        return Assignment(device.id, device.model, channel_name, version, in_rollout, etag)
+    return Assignment(device.id, device.model, channel_name, version, in_rollout, etag, shadow[0], shadow[1])
 
 
 @dataclass
@@ -309,13 +333,15 @@ class Devices:
         return _assignment(device, current.channel, state)
 
     def cached_view(self, assignment: Assignment) -> dict[str, Any] | None:
-        """`assignment_view` when it needs no I/O (the version's manifest was read before), else None."""
-        if assignment.version is not None and (assignment.model, assignment.version) not in self._views:
-            return None
+        """`assignment_view` when it needs no I/O (the versions' manifests were read before), else None."""
+        for version in (assignment.version, assignment.shadow):
+            if version is not None and (assignment.model, version) not in self._views:
+                return None
         return self.assignment_view(assignment)
 
     def assignment_view(self, assignment: Assignment) -> dict[str, Any]:
-        """The assignment with the version's manifest and its content-addressed file URLs."""
+        """The assignment with the version's manifest and its content-addressed file URLs; `shadow` the
+        same for a shadow rollout's candidate, with the share of requests to run it on."""
         view: dict[str, Any] = {
             "device_id": assignment.device_id,
             "model": assignment.model,
@@ -324,17 +350,28 @@ class Devices:
             "rollout": assignment.rollout,
             "manifest": None,
             "files": None,
+            "shadow": None,
         }
         if assignment.version is not None:
-            key = (assignment.model, assignment.version)
-            cached = self._views.get(key)
-            if cached is None:  # versions never change: keep their manifest and file list
-                with self.db.read() as session:
-                    row = find_version(session, assignment.model, assignment.version)
-                    cached = {"manifest": row.manifest, "files": files_view(row)}
-                self._views[key] = cached
-            view.update(cached)
+            view.update(self._version_view(assignment.model, assignment.version))
+        if assignment.shadow is not None:
+            view["shadow"] = {
+                "version": assignment.shadow,
+                **self._version_view(assignment.model, assignment.shadow),
+                "sample_rate": assignment.shadow_sample_rate,
+            }
         return view
+
+    def _version_view(self, model: str, version: int) -> dict[str, Any]:
+        """{"manifest", "files"} of a version; versions never change, so each is read once."""
+        key = (model, version)
+        cached = self._views.get(key)
+        if cached is None:
+            with self.db.read() as session:
+                row = find_version(session, model, version)
+                cached = {"manifest": row.manifest, "files": files_view(row)}
+            self._views[key] = cached
+        return cached
 
     # --- reports --------------------------------------------------------------------------------
 
@@ -398,10 +435,35 @@ class Devices:
             require_assigned(session, device.id, device.model, version)
 
     def record_telemetry(self, device: DeviceIdentity, report: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
-        """Store one periodic telemetry report, once per idempotency key (see `telemetry.record`)."""
+        """Store one periodic telemetry report, once per idempotency key (see `telemetry.record`); then,
+        when it is about an active rollout's candidate, judge the rollout's quality gates (which may
+        pause it: `Rollouts.check_quality`, throttled per channel)."""
         from . import telemetry
 
-        return telemetry.record(self.db, device.id, device.model, report, idempotency_key)
+        result = telemetry.record(self.db, device.id, device.model, report, idempotency_key)
+        if result.get("duplicate"):
+            return result
+        mode = report.get("mode") or "serving"
+        if self._may_concern_rollout(device, report["version"], mode):
+            try:
+                self.rollouts.check_quality(device.model, device.channel, report["version"], mode)
+            except Exception as exc:  # noqa: BLE001  (the report is stored; a failed judgement must not fail it)
+                log.warning("could not check a rollout's quality gates: %s", getattr(exc, "message", None) or exc,
+                            extra={"model": device.model, "channel": device.channel, "version": report["version"]})
+        return result
+
+    def _may_concern_rollout(self, device: DeviceIdentity, version: int, mode: str) -> bool:
+        """False when the cached channel state shows no active rollout of `version` in `mode` (no I/O)."""
+        entry = self._channels.get((device.model_id, device.channel))
+        if entry is None or entry[0] < time.monotonic():
+            return True  # not known here: let check_quality read it
+        state = entry[1]
+        return (
+            state is not None
+            and state.rollout_state == ACTIVE
+            and state.rollout_version == version
+            and rollout_mode(state) == (SHADOW if mode == "shadow" else CANARY)
+        )
 
     def telemetry_summary(self, model: str, version: int | None = None) -> dict[str, Any]:
         """Telemetry summed over devices, per version (see `telemetry.summary`)."""
@@ -457,6 +519,7 @@ class Devices:
     def _view(session: Session, device: Device, model: str) -> dict[str, Any]:
         channel = session.scalar(select(Channel).where(Channel.model_id == device.model_id, Channel.name == device.channel))
         version, in_rollout = assigned_version(channel, model, device.id)
+        shadow = assigned_shadow(channel, model, device.id)
         statuses = session.scalars(select(DeviceStatus).where(DeviceStatus.device_id == device.id)).all()
         running = next((s for s in statuses if s.running), None)
         return {
@@ -469,6 +532,7 @@ class Devices:
             "last_seen_at": iso(device.last_seen_at),
             "assigned_version": version,
             "rollout": in_rollout,
+            "shadow_version": shadow[0] if shadow else None,
             "running_version": running.version if running else None,
             "status": [
                 {
@@ -486,18 +550,24 @@ class Devices:
 
 
 _ASSIGNING = ("set", "promote", "rollback")  # events that give their version to every device of the channel
-_STAGING = ("rollout", "resume")  # events that give it to the devices whose bucket is below their percent
+_STAGING = ("rollout", "resume", "canary")  # events that give it to the devices whose bucket is below their percent
+_SHADOWING = ("shadow", "shadow_resume")  # events that give it, as their shadow, to the devices below their percent
 
 
-def versions_assigned(session: Session, device_id: str, model: str, *, unless: int | None = None) -> tuple[set[int], str]:
+def versions_assigned(
+    session: Session, device_id: str, model: str, *, unless: int | None = None, mode: str = "serving"
+) -> tuple[set[int], str]:
     """(every version the server assigned this device on its channel since it enrolled, the channel).
 
-    The channel's version now, its rollout candidate if the device falls in the rollout, and each
-    version the channel's history gave it since it enrolled (a set, promote or rollback gave every
-    device the version; a rollout or resume only the devices whose bucket is below its percentage).
-    A device moved to another channel counts only the new channel's versions. With `unless`, the
-    history is not read when that version is among the current ones.
+    Mode "serving": the channel's version now, its canary candidate if the device falls in the
+    rollout, and each version the channel's history gave it since it enrolled (a set, promote or
+    rollback gave every device the version; a rollout, resume or shadow -> canary step only the devices
+    whose bucket is below its percentage). Mode "shadow": the shadow versions it was given (a shadow
+    rollout's candidate, now or in the history, for devices below its percentage), never a version it
+    served. A device moved to another channel counts only the new channel's versions. With `unless`,
+    the history is not read when that version is among the current ones.
     """
+    shadow = mode == "shadow"
     device = session.get(Device, device_id)
     if device is None:
         raise AuthenticationError(f"device {device_id} is no longer enrolled", code="revoked_token")
@@ -505,12 +575,13 @@ def versions_assigned(session: Session, device_id: str, model: str, *, unless: i
     versions: set[int] = set()
     if channel is None:
         return versions, device.channel
-    if channel.version is not None:
+    if channel.version is not None and not shadow:
         versions.add(channel.version)
     if (
         channel.rollout_version is not None
         and channel.rollout_state in (ACTIVE, PAUSED)
-        and bucket(device_id, model, channel.name, channel.rollout_version) < (channel.rollout_percent or 0.0)
+        and (rollout_mode(channel) == SHADOW) == shadow
+        and in_cohort(channel, model, device_id)
     ):
         versions.add(channel.rollout_version)
     if unless is not None and unless in versions:
@@ -520,13 +591,15 @@ def versions_assigned(session: Session, device_id: str, model: str, *, unless: i
         .where(RolloutEvent.channel_id == channel.id, RolloutEvent.version.is_not(None))
         .order_by(RolloutEvent.id)
     ).all()
+    staging = _SHADOWING if shadow else _STAGING
+    assigning = () if shadow else _ASSIGNING
     enrolled = as_utc(device.created_at)
     before: dict[bool, tuple[int, float | None]] = {}  # what the channel gave when the device enrolled
     given: list[tuple[bool, int, float | None]] = []
     for action, version, percent, at in events:
-        if action not in _ASSIGNING and action not in _STAGING:
+        if action not in assigning and action not in staging:
             continue
-        staged = action in _STAGING
+        staged = action in staging
         moment = as_utc(at)
         if enrolled is not None and moment is not None and moment < enrolled:
             before[staged] = (version, percent)
@@ -539,17 +612,25 @@ def versions_assigned(session: Session, device_id: str, model: str, *, unless: i
     return versions, device.channel
 
 
-def require_assigned(session: Session, device_id: str, model: str, version: int) -> None:
+def require_assigned(session: Session, device_id: str, model: str, version: int, mode: str = "serving") -> None:
     """A device's report counts only for a version the server assigned it (403 `not_assigned`): a device
     outside a rollout cannot pause it, and no device can claim to run a version it never got (and so
-    keep it from being deleted)."""
-    versions, channel = versions_assigned(session, device_id, model, unless=version)
+    keep it from being deleted). A shadow report (`mode` "shadow") counts only for a version the device
+    was given as its shadow; a serving report not for a version it only ran in shadow."""
+    versions, channel = versions_assigned(session, device_id, model, unless=version, mode=mode)
     if version not in versions:
-        raise PermissionDeniedError(
-            f"device {device_id} was never assigned version {version} of model {model} (channel {channel!r}): "
-            "a device reports only about versions the server sent it",
-            code="not_assigned",
-        )
+        if mode == "shadow":
+            message = (f"device {device_id} was never assigned version {version} of model {model} as its shadow "
+                       f"(channel {channel!r}): a shadow report is only about the shadow version the server sent it")
+        else:
+            message = (f"device {device_id} was never assigned version {version} of model {model} (channel {channel!r}): "
+                       "a device reports only about versions the server sent it")
+        raise PermissionDeniedError(message, code="not_assigned")
+
+
+def require_shadow_assigned(session: Session, device_id: str, model: str, version: int) -> None:
+    """403 `not_assigned` unless the server gave this device `version` as its shadow (now or before)."""
+    require_assigned(session, device_id, model, version, mode="shadow")
 
 
 def last_seen_metrics(devices: Devices) -> Callable[[], Any]:

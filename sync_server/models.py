@@ -122,6 +122,9 @@ class Channel(Base):
     rollout_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     failure_threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
     min_reports: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    rollout_mode: Mapped[str | None] = mapped_column(String(16), nullable=True)  # canary (null) | shadow
+    rollout_sample_rate: Mapped[float | None] = mapped_column(Float, nullable=True)  # shadow: share of requests
+    rollout_gates: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # overrides of QualityGates
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     model: Mapped[Model] = relationship(back_populates="channels")

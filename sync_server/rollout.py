@@ -17,6 +17,15 @@ Every call takes effect at once: it bumps the shared assignment revision, which 
 streams (here and on other instances) and the TF Serving reconciler. A rollout whose devices report
 failures above `failure_threshold` (after at least `min_reports` reports) pauses itself; a failure is a
 version that did not load, failed its smoke test, or that the device rolled back.
+
+A rollout has a mode. `canary` (the default) serves the candidate to its share of devices. `shadow`
+serves them the channel's version as before and gives them the candidate as their `shadow`, to run on
+`sample_rate` of their requests off the request path and report about (telemetry mode "shadow").
+Shadow -> canary (`rollout` again with mode canary) and canary -> the channel (`promote`) are gated
+on quality (`gates.evaluate_gates`) unless forced; after telemetry about the candidate, a failed gate
+pauses the rollout with its reason (`check_quality`, at most once per channel per `quality_check_s`).
+Events: set, rollout, shadow, canary, promote, pause, resume, shadow_resume, auto_pause, gate_pause,
+rollback.
 """
 
 from __future__ import annotations
@@ -24,23 +33,45 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from typing import Any, Callable
+import threading
+import time
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Callable
 
 from sqlalchemy import case, func, or_, select
 from sqlalchemy.orm import Session
 
-from .config import RolloutOptions
-from .db import Database, bump_revision, iso
-from .errors import BadRequestError, ConflictError, NotFoundError
+from .config import QualityGates, RolloutOptions
+from .db import Database, as_utc, bump_revision, iso
+from .errors import BadRequestError, ConfigError, ConflictError, NotFoundError
 from .models import Channel, Device, DeviceStatus, Model, RolloutEvent, utcnow
 from .registry import find_model, find_version
 from .serving_repo import ServedModel
+
+if TYPE_CHECKING:
+    from .gates import GateResult
 
 log = logging.getLogger("sync_server.rollout")
 
 CHANNEL_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 DEFAULT_CHANNEL = "stable"
 ACTIVE, PAUSED = "active", "paused"
+CANARY, SHADOW = "canary", "shadow"
+MODES = (CANARY, SHADOW)
+DEFAULT_SAMPLE_RATE = 0.1
+
+
+class GateNotMetError(ConflictError):
+    """Raised when a gated step (shadow -> canary, promote) finds the quality gates not met (409 `gate_not_met`)."""
+
+    def __init__(self, message: str, result: "GateResult") -> None:
+        super().__init__(message, code="gate_not_met")
+        self.result = result
+
+    def to_dict(self) -> dict[str, Any]:
+        body = super().to_dict()
+        body["error"]["gates"] = self.result.to_dict()
+        return body
 
 
 def check_channel_name(name: str) -> str:
@@ -59,22 +90,44 @@ def bucket(device_id: str, model: str, channel: str, version: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64 * 100.0
 
 
+def rollout_mode(channel: Any) -> str:
+    """The mode of a channel's rollout (`canary` for rollouts made before modes existed)."""
+    return getattr(channel, "rollout_mode", None) or CANARY
+
+
+def in_cohort(channel: Any, model: str, device_id: str) -> bool:
+    """True when the device's bucket is below the rollout's percentage (whatever its state and mode)."""
+    return channel.rollout_version is not None and (
+        bucket(device_id, model, channel.name, channel.rollout_version) < (channel.rollout_percent or 0.0)
+    )
+
+
 def assigned_version(channel: Channel | None, model: str, device_id: str) -> tuple[int | None, bool]:
-    """(version the device should run, whether that is a rollout candidate)."""
+    """(version the device should run, whether that is a rollout candidate). A shadow rollout's
+    candidate is never the version a device runs (see `assigned_shadow`)."""
     if channel is None:
         return None, False
-    if (
-        channel.rollout_state == ACTIVE
-        and channel.rollout_version is not None
-        and bucket(device_id, model, channel.name, channel.rollout_version) < (channel.rollout_percent or 0.0)
-    ):
+    if channel.rollout_state == ACTIVE and rollout_mode(channel) == CANARY and in_cohort(channel, model, device_id):
         return channel.rollout_version, True
     return channel.version, False
 
 
-def channel_view(model: str, channel: Channel) -> dict[str, Any]:
+def assigned_shadow(channel: Any, model: str, device_id: str) -> tuple[int, float] | None:
+    """(version, sample rate) the device should run in shadow beside its version, or None."""
+    if channel is None or channel.rollout_state != ACTIVE or rollout_mode(channel) != SHADOW:
+        return None
+    if not in_cohort(channel, model, device_id):
+        return None
+    rate = channel.rollout_sample_rate
+    return channel.rollout_version, DEFAULT_SAMPLE_RATE if rate is None else float(rate)
+
+
+def channel_view(model: str, channel: Channel, gates: QualityGates | None = None,
+                 options: RolloutOptions | None = None) -> dict[str, Any]:
+    """The channel as the API shows it; `gates` are the server's, which the rollout's own override."""
     rollout = None
     if channel.rollout_version is not None:
+        mode = rollout_mode(channel)
         rollout = {
             "version": channel.rollout_version,
             "percent": channel.rollout_percent,
@@ -83,6 +136,11 @@ def channel_view(model: str, channel: Channel) -> dict[str, Any]:
             "started_at": iso(channel.rollout_started_at),
             "failure_threshold": channel.failure_threshold,
             "min_reports": channel.min_reports,
+            "mode": mode,
+            "sample_rate": (channel.rollout_sample_rate or DEFAULT_SAMPLE_RATE) if mode == SHADOW else None,
+            "gated": _is_gated(channel, options),
+            "gates": _gates_of(channel, gates).to_dict() if gates is not None else None,
+            "gate_overrides": dict(channel.rollout_gates or {}),
         }
     return {
         "model": model,
@@ -97,17 +155,31 @@ def channel_view(model: str, channel: Channel) -> dict[str, Any]:
 class Rollouts:
     """Changes channels; `on_change(model)` runs after each committed change (push, TF Serving)."""
 
-    def __init__(self, db: Database, options: RolloutOptions, on_change: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        options: RolloutOptions,
+        on_change: Callable[[str], None] | None = None,
+        gates: QualityGates | None = None,
+    ) -> None:
         self.db = db
         self.options = options
+        self.gates = gates or QualityGates()
         self.on_change = on_change or (lambda _model: None)
+        self._quality_lock = threading.Lock()
+        self._quality_checked: dict[tuple[str, str], float] = {}  # (model, channel) -> monotonic time
+        #: (model, channel) -> the timer of the check that follows throttled reports, and its (version, mode).
+        self._trailing: dict[tuple[str, str], tuple[threading.Timer, list[Any]]] = {}
+        self._closed = False
+        #: Quality evaluations made after telemetry (the throttle keeps it to one per channel per interval).
+        self.quality_evaluations = 0
 
     # --- reading --------------------------------------------------------------------------------
 
     def get(self, model: str, channel: str) -> dict[str, Any]:
         with self.db.read() as session:
             row = self._channel(session, model, channel, create=False)
-            view = channel_view(model, row)
+            view = channel_view(model, row, self.gates, self.options)
             events = session.scalars(
                 select(RolloutEvent).where(RolloutEvent.channel_id == row.id).order_by(RolloutEvent.id.desc()).limit(50)
             ).all()
@@ -115,8 +187,15 @@ class Rollouts:
                 {"action": e.action, "version": e.version, "percent": e.percent, "reason": e.reason, "at": iso(e.at)}
                 for e in events
             ]
-            view["devices"] = self._device_counts(session, row)
+            view["devices"], view["shadow_devices"] = self._device_counts(session, row)
             return view
+
+    def quality(self, model: str, channel: str) -> dict[str, Any]:
+        """The quality gates' verdict on the channel's rollout now (what promote would say)."""
+        with self.db.read() as session:
+            row = self._channel(session, model, channel, create=False)
+            _require_rollout(row, channel)
+            return self._evaluate(session, row).to_dict()
 
     # --- changing -------------------------------------------------------------------------------
 
@@ -143,33 +222,92 @@ class Rollouts:
         *,
         failure_threshold: float | None = None,
         min_reports: int | None = None,
+        mode: str = CANARY,
+        sample_rate: float | None = None,
+        gates: dict[str, Any] | None = None,
+        force: bool = False,
     ) -> dict[str, Any]:
+        """Start a rollout of `version` to `percent` of the channel's devices, change its percentage, or
+        move a shadow rollout of the same version to canary (gated unless `force`).
+
+        `gates` (field -> value) override the server's quality gates for this rollout; they are kept
+        when a later call does not give them again.
+        """
         if not 0 < percent <= 100:
             raise BadRequestError(f"percent must be more than 0 and at most 100, got {percent}", code="bad_percent")
+        if mode not in MODES:
+            raise BadRequestError(f"mode must be 'shadow' or 'canary', got {mode!r}", code="bad_mode")
+        if sample_rate is not None and mode != SHADOW:
+            raise BadRequestError("sample_rate is for shadow rollouts (mode 'shadow')", code="bad_mode")
+        if sample_rate is not None and not 0 < sample_rate <= 1:
+            raise BadRequestError(f"sample_rate must be more than 0 and at most 1, got {sample_rate}", code="bad_sample_rate")
+        if gates:
+            try:
+                self.gates.with_overrides(gates)
+            except ConfigError as exc:
+                raise BadRequestError(exc.message, code="bad_gates") from None
 
         def change(session: Session, row: Channel) -> None:
             find_version(session, model, version)
             if row.version == version:
                 raise ConflictError(f"version {version} is already the version of channel {channel!r}", code="already_current")
-            if row.rollout_version != version:
+            same = row.rollout_version == version
+            was = rollout_mode(row) if same else None
+            if same and was == CANARY and mode == SHADOW:
+                raise ConflictError(
+                    f"version {version} is already in a canary rollout on {channel!r}; a canary does not go back to "
+                    "shadow (pause it, or roll it back and start a shadow rollout)",
+                    code="bad_mode_change",
+                )
+            if gates is not None:
+                row.rollout_gates = dict(gates)  # {} gates the rollout with the server's gates
+            elif not same:
+                row.rollout_gates = {} if mode == SHADOW else None  # a shadow is always gated
+            reason = None
+            if same and was == SHADOW and mode == CANARY:
+                result = self._evaluate(session, row)  # the shadow's figures
+                reason = self._gate_step(row, result, force, f"move version {version} from shadow to canary")
+                if row.rollout_gates is None:
+                    row.rollout_gates = {}  # its promotion is gated too
+                action = "canary"
+                row.rollout_state = ACTIVE
+                row.rollout_reason = None
+                row.rollout_started_at = utcnow()  # the canary's figures and failures count from here
+                row.rollout_sample_rate = None
+            elif not same:
                 row.rollout_version = version
                 row.rollout_state = ACTIVE
                 row.rollout_reason = None
                 row.rollout_started_at = utcnow()
+                row.rollout_sample_rate = None
+                action = "shadow" if mode == SHADOW else "rollout"
+            else:
+                action = "shadow" if mode == SHADOW else "rollout"
+            row.rollout_mode = mode
+            if mode == SHADOW:
+                row.rollout_sample_rate = float(sample_rate) if sample_rate is not None else (
+                    row.rollout_sample_rate if same and row.rollout_sample_rate is not None else DEFAULT_SAMPLE_RATE
+                )
             row.rollout_percent = float(percent)
             row.failure_threshold = self.options.failure_threshold if failure_threshold is None else failure_threshold
             row.min_reports = self.options.min_reports if min_reports is None else min_reports
-            _event(session, row, "rollout", version, percent, None)
+            _event(session, row, action, version, percent, reason)
 
         return self._change(model, channel, change, create=True)
 
-    def promote(self, model: str, channel: str) -> dict[str, Any]:
+    def promote(self, model: str, channel: str, *, force: bool = False) -> dict[str, Any]:
+        """The candidate becomes the channel's version; gated on quality unless `force`."""
+
         def change(session: Session, row: Channel) -> None:
             candidate = _require_rollout(row, channel)
+            reason = None
+            if self._gated(row):
+                result = self._evaluate(session, row)
+                reason = self._gate_step(row, result, force, f"promote version {candidate} to channel {channel!r}")
             row.previous_version = row.version
             row.version = candidate
             _clear_rollout(row)
-            _event(session, row, "promote", candidate, 100.0, None)
+            _event(session, row, "promote", candidate, 100.0, reason)
 
         return self._change(model, channel, change)
 
@@ -191,10 +329,14 @@ class Rollouts:
                 raise ConflictError(f"the rollout of version {candidate} on {channel!r} is not paused", code="not_paused")
             row.rollout_state = ACTIVE
             row.rollout_reason = None
-            row.rollout_started_at = utcnow()  # failures are counted afresh
-            _event(session, row, "resume", candidate, row.rollout_percent, None)
+            row.rollout_started_at = utcnow()  # failures and quality figures are counted afresh
+            action = "shadow_resume" if rollout_mode(row) == SHADOW else "resume"
+            _event(session, row, action, candidate, row.rollout_percent, None)
 
-        return self._change(model, channel, change)
+        view = self._change(model, channel, change)
+        with self._quality_lock:
+            self._quality_checked.pop((model, channel), None)
+        return view
 
     def rollback(self, model: str, channel: str) -> dict[str, Any]:
         def change(session: Session, row: Channel) -> None:
@@ -221,7 +363,7 @@ class Rollouts:
         row = session.scalar(
             select(Channel).where(Channel.model_id == model.id, Channel.name == channel_name).with_for_update()
         )
-        if row is None or row.rollout_state != ACTIVE or row.rollout_version != version:
+        if row is None or row.rollout_state != ACTIVE or row.rollout_version != version or rollout_mode(row) != CANARY:
             return None
         failed = or_(
             DeviceStatus.load_ok.is_(False), DeviceStatus.smoke_test_ok.is_(False), DeviceStatus.rolled_back.is_(True)
@@ -254,6 +396,136 @@ class Rollouts:
         log.warning("rollout paused", extra={"model": model.name, "channel": channel_name, "version": version, "reason": reason})
         return reason
 
+    def check_quality(self, model: str, channel: str, version: int, mode: str = "serving") -> str | None:
+        """After a telemetry report about `version` (`mode` "serving" or "shadow"): pause the channel's
+        active rollout of it when a quality gate fails; returns the pause reason, if any.
+
+        At most one evaluation per channel per `quality_check_s`: a report inside the interval is judged
+        by one trailing evaluation at its end (the figures cover every report of the window, so none is
+        left out, and a burst that ends is still judged). The figures are read in a read transaction;
+        the pause, if any, happens in its own write transaction after checking that the rollout is
+        still the one judged.
+        """
+        key = (model, channel)
+        now = time.monotonic()
+        with self._quality_lock:
+            if self._closed:
+                return None
+            last = self._quality_checked.get(key)
+            wait = 0.0 if last is None else self.options.quality_check_s - (now - last)
+            if wait > 0:
+                pending = self._trailing.get(key)
+                if pending is not None:
+                    pending[1][:] = [version, mode]  # the trailing check judges the latest report's rollout
+                else:
+                    timer = threading.Timer(wait, self._trailing_check, (key,))
+                    timer.daemon = True
+                    self._trailing[key] = (timer, [version, mode])
+                    timer.start()
+                return None
+            self._quality_checked[key] = now
+            if len(self._quality_checked) > 10_000:  # bounded: forget the oldest half
+                for old in sorted(self._quality_checked, key=self._quality_checked.__getitem__)[:5_000]:
+                    del self._quality_checked[old]
+        return self._judge_quality(model, channel, version, mode)
+
+    def close(self) -> None:
+        """Cancel the trailing quality checks (the server is stopping)."""
+        with self._quality_lock:
+            self._closed = True
+            timers = [timer for timer, _ in self._trailing.values()]
+            self._trailing.clear()
+        for timer in timers:
+            timer.cancel()
+
+    def _trailing_check(self, key: tuple[str, str]) -> None:
+        with self._quality_lock:
+            pending = self._trailing.pop(key, None)
+            if pending is None or self._closed:
+                return
+            self._quality_checked[key] = time.monotonic()
+            version, mode = pending[1]
+        try:
+            self._judge_quality(key[0], key[1], version, mode)
+        except Exception as exc:  # noqa: BLE001  (a timer thread: log, the next report tries again)
+            log.warning("could not check a rollout's quality gates: %s", getattr(exc, "message", None) or exc,
+                        extra={"model": key[0], "channel": key[1], "version": version})
+
+    def _judge_quality(self, model: str, channel: str, version: int, mode: str) -> str | None:
+        wanted = SHADOW if mode == "shadow" else CANARY
+        with self.db.read() as session:
+            model_row = session.scalar(select(Model).where(Model.name == model))
+            if model_row is None:
+                return None
+            row = session.scalar(select(Channel).where(Channel.model_id == model_row.id, Channel.name == channel))
+            if row is None or row.rollout_state != ACTIVE or row.rollout_version != version or rollout_mode(row) != wanted:
+                return None
+            started = as_utc(row.rollout_started_at)
+            with self._quality_lock:
+                self.quality_evaluations += 1
+            result = self._evaluate(session, row)
+        if not result.failed:
+            return None
+        reason = "paused automatically: " + "; ".join(c.message for c in result.failed)
+        with self.db.write() as session:
+            row = session.scalar(
+                select(Channel).where(Channel.model_id == model_row.id, Channel.name == channel).with_for_update()
+            )
+            if (row is None or row.rollout_state != ACTIVE or row.rollout_version != version
+                    or rollout_mode(row) != wanted or as_utc(row.rollout_started_at) != started):
+                return None  # changed meanwhile (paused, resumed, promoted): that judgement is moot
+            row.rollout_state = PAUSED
+            row.rollout_reason = reason
+            row.updated_at = utcnow()
+            _event(session, row, "gate_pause", version, row.rollout_percent, reason)
+            bump_revision(session)
+        log.warning("rollout paused", extra={"model": model, "channel": channel, "version": version, "mode": wanted,
+                                             "reason": reason, "failed_gates": [c.gate for c in result.failed]})
+        self.on_change(model)
+        return reason
+
+    # --- quality gates --------------------------------------------------------------------------
+
+    def _evaluate(self, session: Session, row: Channel) -> "GateResult":
+        """The gates' verdict on the channel's rollout: the candidate's figures (shadow reports in a
+        shadow rollout, serving reports in a canary) against the channel's version's serving reports,
+        both from this channel, over the window since the rollout (re)started."""
+        from .gates import evaluate_gates
+        from .quality import version_quality
+
+        assert row.rollout_version is not None
+        gates = _gates_of(row, self.gates)
+        mode = rollout_mode(row)
+        since = utcnow() - timedelta(seconds=gates.window_s)
+        started = as_utc(row.rollout_started_at)
+        if started is not None and started > since:
+            since = started
+        candidate = version_quality(session, row.model_id, row.rollout_version, mode="shadow" if mode == SHADOW else "serving",
+                                    channel=row.name, since=since)
+        current = None
+        if row.version is not None:
+            current = version_quality(session, row.model_id, row.version, mode="serving", channel=row.name, since=since)
+        return evaluate_gates(candidate, current, gates, mode=mode)
+
+    def _gated(self, row: Channel) -> bool:
+        """Whether the rollout's steps wait for its quality gates (a failed gate pauses any rollout)."""
+        return _is_gated(row, self.options)
+
+    @staticmethod
+    def _gate_step(row: Channel, result: "GateResult", force: bool, step: str) -> str | None:
+        """GateNotMetError unless the gates are met or `force`; the event's reason for a forced step."""
+        if result.passed:
+            return None
+        if not force:
+            raise GateNotMetError(
+                f"cannot {step}: the quality gates are not met ({result.summary()}); wait for figures, or send "
+                '{"force": true}',
+                result,
+            )
+        log.warning("quality gates forced", extra={"channel": row.name, "version": row.rollout_version, "step": step,
+                                                    "summary": result.summary()})
+        return f"forced past the quality gates: {result.summary()}"
+
     # --- TF Serving -----------------------------------------------------------------------------
 
     def desired_serving(self) -> dict[str, ServedModel]:
@@ -274,7 +546,7 @@ class Rollouts:
         """Every channel with its rollout state, for metrics."""
         with self.db.read() as session:
             rows = session.execute(select(Model.name, Channel).join(Channel, Channel.model_id == Model.id)).all()
-            return [channel_view(name, channel) for name, channel in rows]
+            return [channel_view(name, channel, self.gates, self.options) for name, channel in rows]
 
     # --- internals ------------------------------------------------------------------------------
 
@@ -286,7 +558,7 @@ class Rollouts:
             row.updated_at = utcnow()
             bump_revision(session)
             session.flush()
-            view = channel_view(model, row)
+            view = channel_view(model, row, self.gates, self.options)
         log.info("channel changed", extra={"model": model, "channel": channel, "state": view})
         self.on_change(model)
         return view
@@ -308,18 +580,22 @@ class Rollouts:
         return row
 
     @staticmethod
-    def _device_counts(session: Session, row: Channel) -> dict[str, int]:
-        """Devices of this channel per assigned version."""
+    def _device_counts(session: Session, row: Channel) -> tuple[dict[str, int], dict[str, int]]:
+        """Devices of this channel per assigned version, and per shadow version (a shadow rollout's cohort)."""
         model_name = session.scalar(select(Model.name).where(Model.id == row.model_id)) or ""
         ids = session.scalars(
             select(Device.id).where(Device.model_id == row.model_id, Device.channel == row.name, Device.revoked.is_(False))
         ).all()
         counts: dict[str, int] = {}
+        shadows: dict[str, int] = {}
         for device_id in ids:
             version, _ = assigned_version(row, model_name, device_id)
             key = "none" if version is None else str(version)
             counts[key] = counts.get(key, 0) + 1
-        return counts
+            shadow = assigned_shadow(row, model_name, device_id)
+            if shadow is not None:
+                shadows[str(shadow[0])] = shadows.get(str(shadow[0]), 0) + 1
+        return counts, shadows
 
 
 def _require_rollout(row: Channel, channel: str) -> int:
@@ -336,6 +612,22 @@ def _clear_rollout(row: Channel) -> None:
     row.rollout_started_at = None
     row.failure_threshold = None
     row.min_reports = None
+    row.rollout_mode = None
+    row.rollout_sample_rate = None
+    row.rollout_gates = None
+
+
+def _is_gated(row: Channel, options: RolloutOptions | None) -> bool:
+    """Shadow rollouts, rollouts started with `gates` (even `{}`), and every rollout with
+    `--gate-every-rollout on`: their steps wait for the quality gates."""
+    return (rollout_mode(row) == SHADOW or row.rollout_gates is not None
+            or bool(options is not None and options.gate_every_rollout))
+
+
+def _gates_of(row: Channel, gates: QualityGates) -> QualityGates:
+    """The server's gates with the rollout's own overrides."""
+    overrides = getattr(row, "rollout_gates", None)
+    return gates.with_overrides(overrides) if overrides else gates
 
 
 def _event(session: Session, row: Channel, action: str, version: int | None, percent: float | None, reason: str | None) -> None:

@@ -76,7 +76,7 @@ class Services:
             hub.notify(model)
             refs["reconciler"].trigger()
 
-        rollouts = Rollouts(db, config.rollout, on_change=changed)
+        rollouts = Rollouts(db, config.rollout, on_change=changed, gates=config.quality_gates)
         devices = Devices(db, rollouts, config.enrollment_secret or "", on_change=changed)
         refs["devices"] = devices
         preload = getattr(predictor, "preload", None) if config.embedded_preload else None
@@ -162,10 +162,12 @@ class Services:
 
     def close(self) -> None:
         """Release what `build` made, for a Services that was never started (the CLI's local publish)."""
+        self.rollouts.close()
         self._background.shutdown(wait=True)
         self.db.dispose()
 
     async def stop(self) -> None:
+        self.rollouts.close()  # no trailing quality check after this
         await cancel_and_wait(self._tasks)
         self._tasks = []
         await asyncio.get_running_loop().run_in_executor(None, self._background.shutdown, True)

@@ -16,7 +16,7 @@ from starlette.types import Message, Receive
 from ..bundles import remove_tree, staging_dir, unpack_archive
 from ..enrollment import EnrollmentTokens
 from ..errors import BadRequestError, PayloadTooLargeError
-from ..rollout import check_channel_name
+from ..rollout import GateNotMetError, check_channel_name
 from ..services import Services
 from . import auth
 from .schemas import (
@@ -29,6 +29,7 @@ from .schemas import (
     EnrollmentTokenRequest,
     ModelName,
     PauseRequest,
+    PromoteRequest,
     RolloutRequest,
     Version,
     VersionQuery,
@@ -183,17 +184,47 @@ def set_channel(name: ModelName, channel: ChannelName, body: ChannelVersion, sta
 
 
 @router.post("/models/{name}/channels/{channel}/rollout", responses=responses(400, 404, 409))
-def rollout(name: ModelName, channel: ChannelName, body: RolloutRequest, state: Services = Depends(auth.services)) -> dict[str, Any]:
-    """Start a staged rollout of `version` to `percent` of the channel's devices, or change its percentage."""
-    return state.rollouts.start(
-        name, channel, body.version, body.percent, failure_threshold=body.failure_threshold, min_reports=body.min_reports
-    )
+def rollout(
+    name: ModelName, channel: ChannelName, body: RolloutRequest, request: Request, state: Services = Depends(auth.services)
+) -> Any:
+    """Start a staged rollout of `version` to `percent` of the channel's devices, or change its percentage.
+
+    `mode: "shadow"`: the devices keep the channel's version and run the candidate beside it on
+    `sample_rate` of their requests. The same version again with `mode: "canary"` moves a shadow
+    rollout to canary, gated on its shadow figures: 409 `gate_not_met` (with `error.gates`, the figures
+    and every gate's verdict) unless they pass or `force` is true.
+    """
+    gates = body.gates.model_dump(exclude_none=True) if body.gates is not None else None
+    return _gated(request, lambda: state.rollouts.start(
+        name, channel, body.version, body.percent, failure_threshold=body.failure_threshold, min_reports=body.min_reports,
+        mode=body.mode, sample_rate=body.sample_rate, gates=gates, force=body.force,
+    ))
 
 
 @router.post("/models/{name}/channels/{channel}/rollout/promote", responses=responses(400, 404, 409))
-def promote(name: ModelName, channel: ChannelName, state: Services = Depends(auth.services)) -> dict[str, Any]:
-    """The rollout's version becomes the channel's version for every device."""
-    return state.rollouts.promote(name, channel)
+def promote(
+    name: ModelName, channel: ChannelName, request: Request, body: PromoteRequest | None = None,
+    state: Services = Depends(auth.services),
+) -> Any:
+    """The rollout's version becomes the channel's version for every device, when its quality gates are
+    met (409 `gate_not_met` with `error.gates` otherwise) or with `{"force": true}`."""
+    force = body.force if body is not None else False
+    return _gated(request, lambda: state.rollouts.promote(name, channel, force=force))
+
+
+@router.get("/models/{name}/channels/{channel}/rollout/gates", responses=responses(400, 404, 409))
+def rollout_gates(name: ModelName, channel: ChannelName, state: Services = Depends(auth.services)) -> dict[str, Any]:
+    """The quality gates' verdict on the rollout now: the figures, each gate's status, `passed`."""
+    return state.rollouts.quality(name, channel)
+
+
+def _gated(request: Request, step: Any) -> Any:
+    """The step's answer; a 409 `gate_not_met` carrying the gates' figures when they refused it."""
+    try:
+        return step()
+    except GateNotMetError as exc:
+        request.state.error_code = exc.code
+        return JSONResponse(exc.to_dict(), status_code=exc.status)
 
 
 @router.post("/models/{name}/channels/{channel}/rollout/pause", responses=responses(400, 404, 409))

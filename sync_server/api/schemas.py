@@ -106,11 +106,34 @@ class ChannelVersion(_Body):
     version: int = Field(ge=1, le=MAX_VERSION)
 
 
+class GateOverrides(_Body):
+    """A rollout's own quality gates; fields left out keep the server's (`--quality-gates`)."""
+
+    window_s: float | None = Field(None, gt=0, le=MAX_PERIOD_S, description="seconds of telemetry the gates look at")
+    min_predictions: int | None = Field(None, ge=1, le=MAX_COUNT, description="predictions each side needs before a gate judges")
+    max_fallback_rate_increase: float | None = Field(None, ge=0, le=1)
+    max_low_confidence_increase: float | None = Field(None, ge=0, le=1)
+    max_disagreement_increase: float | None = Field(None, ge=0, le=1)
+    min_shadow_agreement: float | None = Field(None, ge=0, le=1)
+    max_class_jsd: float | None = Field(None, ge=0, le=1, description="Jensen-Shannon divergence (base 2) from the bundle baseline")
+    max_input_shift: float | None = Field(None, ge=0, le=1000, description="input mean shift from the bundle baseline, in its stds")
+
+
 class RolloutRequest(_Body):
     version: int = Field(ge=1, le=MAX_VERSION, description="the candidate version")
     percent: float = Field(gt=0, le=100, description="share of the channel's devices that get it")
     failure_threshold: float | None = Field(None, ge=0, le=1, description="failed share of reports that pauses the rollout")
     min_reports: int | None = Field(None, ge=1, le=1_000_000, description="reports needed before the rollout can pause itself")
+    mode: Literal["canary", "shadow"] = Field(
+        "canary", description="canary: its share of devices runs it; shadow: they run it beside the channel's version, off the request path"
+    )
+    sample_rate: float | None = Field(None, gt=0, le=1, description="shadow: share of a device's requests the candidate also runs on (default 0.1)")
+    gates: GateOverrides | None = Field(None, description="this rollout's own quality gates (kept until given again)")
+    force: bool = Field(False, description="move a shadow rollout to canary even if its quality gates are not met")
+
+
+class PromoteRequest(_Body):
+    force: bool = Field(False, description="promote even if the quality gates are not met")
 
 
 class PauseRequest(_Body):
