@@ -83,6 +83,11 @@ def reports(server: MisbehavingServer, kind: str) -> list[dict]:
     return [body for path, body in list(server.reports) if path.endswith("/" + kind)]
 
 
+def said(server: MisbehavingServer, state: str) -> list[dict]:
+    """Status reports saying what happened to the shadow version (they are about the served version)."""
+    return [r for r in reports(server, "status") if ((r.get("details") or {}).get("shadow") or {}).get("state") == state]
+
+
 def shadow_telemetry(server: MisbehavingServer, version: int) -> list[dict]:
     return [r for r in reports(server, "telemetry") if r.get("mode") == "shadow" and r["version"] == version]
 
@@ -108,9 +113,10 @@ def test_a_shadow_version_runs_beside_the_served_one_reports_agreement_and_is_dr
         shadow_home = ModelStore(home / "shadow")
         assert shadow_home.versions() == [ModelRef("m", 2)], "v2 is installed beside v1, in the shadow store"
         assert agent.store.state().current == ModelRef("m", 1) and ModelRef("m", 2) not in agent.store.versions()
-        started = next(r for r in reports(stand_in, "status") if r["version"] == 2)
-        assert started["running"] is False and started["load_ok"] is True and started["smoke_test_ok"] is True
-        assert started["details"]["mode"] == "shadow" and started["details"]["shadow_of"] == 1
+        started = wait_for(lambda: said(stand_in, "running"), what="the report of the shadow started")[0]
+        assert started["version"] == 1 and started["running"] is True, "about the served version"
+        assert started["details"]["shadow"]["version"] == 2 and started["details"]["shadow"]["smoke_test_ok"] is True
+        assert started["message"].startswith("shadow v2: installed beside v1, running on 100% of the requests")
 
         answers = [classify(agent.url, photo) for photo in PHOTOS * 5]
         assert {status for status, _ in answers} == {200}
@@ -176,10 +182,10 @@ def test_a_broken_shadow_bundle_is_refused_and_reported_and_serving_goes_on(stan
         wait_for(lambda: agent.handle.current is not None, what="v1 served")
         tampered = with_shadow(stand_in, v1, publisher.tampered, 6, sample_rate=1.0)  # its model changed after signing
         stand_in.assign(tampered)
-        refusal = wait_for(lambda: next((r for r in reports(stand_in, "status") if r["version"] == 6), None),
-                           what="the refusal of the shadow version")
-        assert refusal["load_ok"] is False and refusal["running"] is False
-        assert refusal["message"].startswith("shadow refused (signature)") and refusal["details"]["mode"] == "shadow"
+        refusal = wait_for(lambda: said(stand_in, "refused"), what="the refusal of the shadow version")[0]
+        assert refusal["version"] == 1 and refusal["running"] is True and refusal["load_ok"] is True, "v1 is not blamed"
+        assert refusal["message"].startswith("shadow v6 refused (signature)")
+        assert refusal["details"]["shadow"]["version"] == 6 and refusal["details"]["shadow"]["load_ok"] is False
         assert agent.state.shadow_refused(ModelRef("m", 6))["step"] == "signature"
         answers = [classify(agent.url, photo) for photo in PHOTOS]
         assert [status for status, _ in answers] == [200] * len(PHOTOS)
@@ -202,9 +208,9 @@ def test_a_malformed_shadow_part_is_ignored_with_its_reason_and_the_served_versi
     stand_in.assign({**v1, "shadow": {"version": 2, "files": {"model.tflite": "no"}, "sample_rate": 2.5}})
     with Agent.create_from_options(options(home)) as agent:
         wait_for(lambda: agent.handle.current is not None and agent.handle.current.version == 1, what="v1 served anyway")
-        refused = wait_for(lambda: next((r for r in reports(stand_in, "status") if r["version"] == 2), None),
-                           what="the report of the ignored shadow part")
-        assert refused["message"] == "shadow refused (assignment): the shadow's sample rate 2.5 is not a number in 0..1"
+        refused = wait_for(lambda: said(stand_in, "refused"), what="the report of the ignored shadow part")[0]
+        assert refused["message"] == "shadow v2 refused (assignment): the shadow's sample rate 2.5 is not a number in 0..1"
+        assert refused["version"] == 1 and refused["details"]["shadow"]["step"] == "assignment"
         assert agent.source.following() == "ok", "the served part of the assignment was taken"
         assert classify(agent.url, PHOTOS[0])[0] == 200
 
@@ -226,8 +232,9 @@ def test_a_candidate_that_killed_the_agent_is_refused_at_the_next_start_and_the_
     stand_in.assign(with_shadow(stand_in, v1, bundles.make("m", 2), 2, sample_rate=1.0))
     with Agent.create_from_options(options(home)) as agent:
         wait_for(lambda: agent.handle.current is not None, what="v1 served after the crash")
-        refusal = wait_for(lambda: next((r for r in reports(stand_in, "status") if r["version"] == 2), None), what="the crash report")
-        assert refusal["message"].startswith("shadow refused (crash): the agent died while m v2 ran in shadow (shadow_invoke)")
+        refusal = wait_for(lambda: said(stand_in, "refused"), what="the crash report")[0]
+        assert refusal["message"] == "shadow v2 refused (crash): the agent died while m v2 ran in shadow (shadow_invoke)"
+        assert refusal["version"] == 1 and refusal["running"] is True
         assert agent.state.refused(ModelRef("m", 1)) is None and agent.state.shadow_refused(ModelRef("m", 2))["step"] == "crash"
         time.sleep(1.0)
         assert agent.shadow.current is None, "the candidate that crashed is not run in shadow again"
@@ -251,13 +258,12 @@ def test_a_device_whose_policy_refuses_shadow_says_why_and_downloads_nothing(
         assignment = with_shadow(stand_in, v1, bundles.make("m", 2), 2, sample_rate=1.0)
         before = artifact_requests(stand_in, assignment["shadow"]["files"])
         stand_in.assign(assignment)
-        said = wait_for(lambda: [r for r in reports(stand_in, "status") if "shadow" in (r.get("details") or {})],
-                        what="the report of the declined shadow")
-        assert said[0]["version"] == 1 and said[0]["running"] is True, "said about the served version: no rollout failure"
-        assert said[0]["details"]["shadow"]["cause"] == cause and said[0]["details"]["shadow"]["version"] == 2
-        assert said[0]["message"].startswith("shadow v2 declined: ")
+        declined = wait_for(lambda: said(stand_in, "declined"), what="the report of the declined shadow")
+        assert declined[0]["version"] == 1 and declined[0]["running"] is True, "said about the served version: no rollout failure"
+        assert declined[0]["details"]["shadow"]["cause"] == cause and declined[0]["details"]["shadow"]["version"] == 2
+        assert declined[0]["message"].startswith("shadow v2 declined: ")
         time.sleep(1.0)  # several manager steps: said once
-        assert len([r for r in reports(stand_in, "status") if "shadow" in (r.get("details") or {})]) == 1
+        assert len(said(stand_in, "declined")) == 1
         assert artifact_requests(stand_in, assignment["shadow"]["files"]) == before, "nothing of v2 downloaded"
         assert get_status(agent)["shadow"]["declined"]["cause"] == cause
         assert classify(agent.url, PHOTOS[0])[0] == 200

@@ -22,6 +22,13 @@ A shadow fault is never a fault of the served version: its calls into the interp
 the `CallMarker` as `shadow_load`, `shadow_smoke_test` and `shadow_invoke`, so a run that died inside
 the candidate refuses the candidate (in the state file, reported), not the version served; a
 candidate that fails to verify, load or pass its smoke test is refused and reported the same way.
+
+What happens to the candidate is said in status reports about the served version (the server counts
+a device on the version it serves; a report about the candidate would claim to serve it), with
+`details.shadow = {"version", "state": "running" | "declined" | "refused" | "failed", ...}`: "declined"
+has the policy's `cause` (off, policy, model_size, disk) and `reason`; "refused" its `step`
+(assignment, signature, files, load, smoke_test, crash) and `reason`. The samples themselves go in
+telemetry reports with mode "shadow".
 """
 
 from __future__ import annotations
@@ -325,9 +332,17 @@ class ShadowKeeper:
         log.warning("shadow: not running %s beside %s: %s", ref, serving, why)
         self.manager._event("shadow_declined", ref, f"shadow {ref} declined: {why}")
         # about the version that runs (as for a full disk): no rollout counts it as a failure
-        self.manager.reporter.status(serving.version, running=True, load_ok=True, smoke_test_ok=None,
-                                     message=f"shadow v{ref.version} declined: {why}",
-                                     details={"shadow": {"version": ref.version, "state": "declined", "cause": cause, "reason": why}})
+        self._say(serving, ref, f"shadow v{ref.version} declined: {why}", "declined", cause=cause, reason=why)
+
+    def _say(self, serving: ModelRef | None, ref: ModelRef, message: str, state: str, **fields: Any) -> None:
+        """A status report about the served version (the one the server counts this device on; a report
+        about the candidate would count as serving it), with `details.shadow` = {version, state, ...}."""
+        current = self.manager.handle.current
+        serving = serving or (current.ref if current is not None else self.manager.store.current())
+        if serving is None:
+            return
+        self.manager.reporter.status(serving.version, running=True, load_ok=True, smoke_test_ok=None, message=message[:2000],
+                                     details={"shadow": {"version": ref.version, "state": state, **fields}})
 
     def _install_and_load(self, ref: ModelRef, shadow: ShadowAssignment, serving: ModelRef) -> None:
         manager = self.manager
@@ -400,11 +415,10 @@ class ShadowKeeper:
         self._failures, self._retry_at, self.last_error = 0, None, None
         self.runner.use(candidate, shadow.sample_rate)
         self.runner.start()
-        details = {"mode": "shadow", "shadow_of": serving.version, "sample_rate": shadow.sample_rate,
-                   "download": stats.to_dict(), "download_s": round(download_s, 3), "load_ms": round(load_ms, 1), "smoke_test": smoke}
-        message = (f"shadow of v{serving.version}: installed beside it, running on {shadow.sample_rate:.0%} of the requests "
-                   f"(load {load_ms:.0f} ms)")
-        manager.reporter.status(ref.version, running=False, load_ok=True, smoke_test_ok=True, message=message, details=details)
+        message = (f"shadow v{ref.version}: installed beside v{serving.version}, running on {shadow.sample_rate:.0%} of the "
+                   f"requests (load {load_ms:.0f} ms, smoke test {sum(c['passed'] for c in smoke['cases'])}/{len(smoke['cases'])})")
+        self._say(serving, ref, message, "running", sample_rate=shadow.sample_rate, download=stats.to_dict(),
+                  download_s=round(download_s, 3), load_ms=round(load_ms, 1), load_ok=True, smoke_test_ok=True)
         manager._event("shadow_started", ref, f"shadow {ref} beside {serving}: {message}")
 
     def _refuse(self, ref: ModelRef, serving: ModelRef, step: str, reason: str, *, load_ok: bool, smoke_test_ok: bool | None) -> None:
@@ -415,9 +429,8 @@ class ShadowKeeper:
         self.last_error = reason
         log.warning("shadow: refused %s (%s): %s; still serving %s", ref, step, reason, serving)
         self.manager._event("shadow_refused", ref, f"shadow {ref} refused ({step}): {reason}")
-        self.manager.reporter.status(ref.version, running=False, load_ok=load_ok, smoke_test_ok=smoke_test_ok,
-                                     message=f"shadow refused ({step}): {reason}",
-                                     details={"mode": "shadow", "shadow_of": serving.version, "refused": True, "step": step})
+        self._say(serving, ref, f"shadow v{ref.version} refused ({step}): {reason}", "refused", step=step, reason=reason[:500],
+                  load_ok=load_ok, smoke_test_ok=smoke_test_ok)
 
     def crashed(self, found: list[tuple[ModelRef, str]]) -> None:
         """At start: the last run died while these candidates were inside the interpreter."""
@@ -429,10 +442,8 @@ class ShadowKeeper:
             self._delete(ref)
             log.warning("shadow: %s; it is not run in shadow again (the version served is not blamed)", reason)
             self.manager._event("shadow_refused", ref, f"shadow {ref} refused (crash): {reason}")
-            self.manager.reporter.status(ref.version, running=False, load_ok=step != "shadow_load",
-                                         smoke_test_ok=False if step == "shadow_smoke_test" else None,
-                                         message=f"shadow refused (crash): {reason}",
-                                         details={"mode": "shadow", "refused": True, "step": "crash", "crashed_in": step})
+            self._say(None, ref, f"shadow v{ref.version} refused (crash): {reason}", "refused", step="crash", crashed_in=step,
+                      reason=reason)
 
     def _retry(self, ref: ModelRef, message: str) -> None:
         delay = backoff_delay(self._failures, self.manager.options.retry)
@@ -446,9 +457,7 @@ class ShadowKeeper:
         if ref in self._errors_reported:
             return
         self._errors_reported.add(ref)
-        self.manager.reporter.status(ref.version, running=False, load_ok=True, smoke_test_ok=True,
-                                     message=f"shadow {ref} failed on a photo: {why}"[:2000],
-                                     details={"mode": "shadow", "error": why[:500]})
+        self._say(None, ref, f"shadow v{ref.version} failed on a photo: {why}", "failed", error=why[:500])
 
     def _say_problem(self, assignment: Assignment) -> None:
         problem = assignment.shadow_problem
@@ -462,9 +471,8 @@ class ShadowKeeper:
         log.warning("shadow: ignored the assignment's shadow part: %s (still serving the current model)", reason)
         self.manager._event("shadow_ignored", None, f"ignored the assignment's shadow part: {reason}")
         if version is not None:
-            self.manager.reporter.status(version, running=False, load_ok=False, smoke_test_ok=None,
-                                         message=f"shadow refused (assignment): {reason}",
-                                         details={"mode": "shadow", "refused": True, "step": "assignment"})
+            self._say(None, ModelRef(assignment.model, version), f"shadow v{version} refused (assignment): {reason}", "refused",
+                      step="assignment", reason=reason)
 
     def _remove_others(self, keep: ModelRef | None) -> None:
         for ref in self.store.versions():
