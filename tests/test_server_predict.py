@@ -200,6 +200,35 @@ def test_a_lone_request_waits_at_most_the_maximum_wait():
     assert _run(main()) < 0.2
 
 
+def test_on_an_idle_servable_a_request_is_sent_by_its_own_task_and_those_arriving_meanwhile_batch_up():
+    tasks: list[tuple[int, bool]] = []
+
+    async def run(key, batch):
+        tasks.append((len(batch), asyncio.current_task() is asking))
+        await asyncio.sleep(0.05)
+        return batch + 1
+
+    async def main():
+        nonlocal asking
+        batcher = Batcher(run, BatchingOptions(max_batch_size=8, max_wait_ms=20, num_batch_threads=2))
+        await batcher.submit("m", np.zeros(1, np.float32))  # starts the lane's scheduler
+        await asyncio.sleep(0.01)
+        tasks.clear()
+        asking = asyncio.create_task(batcher.submit("m", np.zeros(1, np.float32)))
+        await asyncio.sleep(0.01)  # the lone request is with the backend now
+        meanwhile = await asyncio.gather(*(batcher.submit("m", np.full(1, i, np.float32)) for i in range(5)))
+        alone = await asking
+        records = list(batcher.recent)
+        await batcher.aclose()
+        return alone, meanwhile, records
+
+    asking = None
+    alone, meanwhile, records = _run(main())
+    assert alone.tolist() == [1.0] and [m.tolist() for m in meanwhile] == [[1.0 + i] for i in range(5)]
+    assert tasks == [(1, True), (5, False)], "the lone request went by itself; the five behind it as one batch"
+    assert records[-2].size == 1 and records[-2].waited_s == 0.0 and records[-1].others_in_flight == 1
+
+
 def test_a_failing_batch_fails_each_of_its_requests_and_the_next_batch_runs():
     calls = []
 

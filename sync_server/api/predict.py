@@ -126,7 +126,7 @@ async def predict_pixels(
                 f"send a photo to /v1/models/{name}/predict instead"
             )
         spec = await state.prediction.version_spec(name, resolved)
-        expected = spec.pixels_digest()
+        expected = state.prediction.pixels_digest(spec)
         if digest != expected:
             raise ConflictError(
                 f"the pixels were prepared with spec digest {digest}, but version {resolved} of {name!r} needs "

@@ -6,7 +6,9 @@ delay that only applies while the backend is already busy:
 
 - **Idle: no wait.** When a slot is free and no batch of the servable is running, the scheduler sends
   what is queued at once, so a lone request goes straight to the backend (the batch window costs
-  nothing at low load).
+  nothing at low load). With a second slot free beside the one the waiting scheduler holds
+  (`num_batch_threads` >= 2), the submitting task sends it itself, without the hop through the queue
+  and the scheduler task.
 - **Loaded: batches grow by themselves.** While every slot is busy, requests queue; as soon as a slot
   frees, everything queued (up to `max_batch_size`) goes as the next batch.
 - **Busy but a slot free: a short wait.** When another batch is running and a slot is free, the
@@ -59,6 +61,7 @@ class _Lane:
     slots: asyncio.Semaphore
     in_flight: int = 0
     finished: asyncio.Event = field(default_factory=asyncio.Event)  # set whenever one of its batches ends
+    idle: bool = False  # the scheduler holds a slot and waits for the queue's next request
 
 
 @dataclass(frozen=True)
@@ -111,8 +114,31 @@ class Batcher:
         if lane is None:
             lane = self._lanes[key] = _Lane(asyncio.Queue(), asyncio.Semaphore(self.options.num_batch_threads))
             self._schedulers[key] = asyncio.create_task(self._schedule(key, lane), name=f"batcher-{key}")
+        if lane.idle and lane.in_flight == 0 and lane.queue.empty() and not lane.slots.locked():
+            return await self._run_alone(key, lane, x, deadline)
         lane.queue.put_nowait(item)
         return await item.future
+
+    async def _run_alone(self, key: Hashable, lane: _Lane, x: np.ndarray, deadline: float | None) -> np.ndarray:
+        """An idle servable's request, sent by its own task: a batch of one, in a slot like any other."""
+        await lane.slots.acquire()  # free (checked by the caller): returns without waiting
+        self._record(BatchRecord(1, 0.0, 0))
+        lane.in_flight += 1
+        started = time.perf_counter()
+        try:
+            if deadline is None:
+                outputs = await self._run(key, x[None])
+            else:
+                outputs = await self._run(key, x[None], timeout_s=max(0.001, deadline - asyncio.get_running_loop().time()))
+            if len(outputs) != 1:
+                raise RuntimeError(f"the backend answered {len(outputs)} rows for a batch of 1")
+            return outputs[0]
+        finally:
+            lane.in_flight -= 1
+            lane.finished.set()
+            lane.slots.release()
+            if self._on_batch is not None:
+                self._on_batch(key, 1, time.perf_counter() - started)
 
     async def _schedule(self, key: Hashable, lane: _Lane) -> None:
         loop = asyncio.get_running_loop()
@@ -122,7 +148,11 @@ class Batcher:
             await lane.slots.acquire()
             batch: list[_Item] = []
             try:
-                batch.append(await lane.queue.get())
+                lane.idle = True
+                try:
+                    batch.append(await lane.queue.get())
+                finally:
+                    lane.idle = False
                 self._drain(lane, batch, max_size)
                 if len(batch) < max_size and max_wait > 0 and lane.in_flight > 0:
                     await self._gather_more(lane, batch, max_size, loop.time() + max_wait)

@@ -15,6 +15,7 @@ a late answer.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -116,6 +117,12 @@ class PredictionService:
         info = self._cached_info(name, version) or await anyio.to_thread.run_sync(self._version_info, name, version)
         return info.float_spec  # type: ignore[attr-defined]
 
+    @staticmethod
+    @functools.lru_cache(maxsize=256)
+    def pixels_digest(spec: PreprocessSpec) -> str:
+        """`spec.pixels_digest()`, kept: it hashes the spec's JSON, 4 % of the loop's time when done per request."""
+        return spec.pixels_digest()
+
     async def predict_pixels(self, name: str, version: int, pixels: np.ndarray, top_k: int) -> Prediction:
         """The top-k for a device's fitted uint8 pixels (`version_spec(...).pixel_shape`, digest checked by
         the caller): no decode; as they are to a backend that takes pixels, else normalised with the float
@@ -128,8 +135,11 @@ class PredictionService:
         pixels_in = self._takes_pixels.get((name, version))
         if pixels_in is None:
             pixels_in = await self._ask_takes_pixels(name, version, deadline)
-        if pixels_in and isinstance(photo, np.ndarray):
-            x = photo  # the device's pixels, exactly what the backend takes
+        if isinstance(photo, np.ndarray):
+            # The device's pixels: as they are, or normalised here, in the loop. Normalising 224x224 takes
+            # ~0.3 ms; handing it to a worker thread cost the loop more (a thread wake-up under the GIL:
+            # 16 % of the loop's time at 64 clients, measured with py-spy).
+            x = photo if pixels_in else normalise(photo, info.float_spec)  # type: ignore[attr-defined]
         else:
             x = await anyio.to_thread.run_sync(self._prepare, photo, info.float_spec, pixels_in, limiter=self._prepare_limiter)  # type: ignore[attr-defined]
         if self.batcher is not None:
