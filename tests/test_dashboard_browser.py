@@ -38,15 +38,17 @@ def chromium_or_skip() -> Any:
 
 
 @pytest.fixture
-def dashboard_server(publisher, tmp_path) -> Iterator[str]:  # noqa: F811
-    """A sync-server process over a seeded demo fleet (v2 rolling out to 40 % of stable, drifting)."""
+def dashboard_server(publisher, tmp_path) -> Iterator[tuple[str, Any]]:  # noqa: F811
+    """(URL, playwright.sync_api): a sync-server process over a seeded demo fleet (v2 rolling out to
+    40 % of stable, drifting). Checks for the browser first: no server is started for a skip."""
+    api = chromium_or_skip()
     data = tmp_path / "data"
     bundles = baseline_bundles(publisher, tmp_path)
     seed(server_config(data, None, publisher), bundles, publisher.saved_model)
     args = ["--data-dir", str(data), "--admin-token", ADMIN_TOKEN, "--enrollment-secret", ENROLLMENT_SECRET,
             "--publisher-keys", str(publisher.public_key), "--embedded-preload", "off", "--log-format", "text"]
     with serve_process(args, tmp_path / "server.log", ready_path="/healthz", ready_timeout_s=60) as (url, _process):
-        yield url
+        yield url, api
 
 
 def last_value(data: list[float | None]) -> float:
@@ -56,8 +58,7 @@ def last_value(data: list[float | None]) -> float:
 
 
 def test_an_operator_logs_in_reads_the_charts_and_pauses_the_rollout_from_the_page(dashboard_server):
-    api = chromium_or_skip()
-    url = dashboard_server
+    url, api = dashboard_server
     problems: list[str] = []
     with api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM))
