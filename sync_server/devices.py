@@ -437,7 +437,8 @@ class Devices:
     def record_telemetry(self, device: DeviceIdentity, report: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
         """Store one periodic telemetry report, once per idempotency key (see `telemetry.record`); then,
         when it is about an active rollout's candidate, judge the rollout's quality gates (which may
-        pause it: `Rollouts.check_quality`, throttled per channel)."""
+        pause it: `Rollouts.check_quality`, throttled per channel). The answer says `rollout_paused`
+        (the reason) when this report's check paused it."""
         from . import telemetry
 
         result = telemetry.record(self.db, device.id, device.model, report, idempotency_key)
@@ -446,7 +447,9 @@ class Devices:
         mode = report.get("mode") or "serving"
         if self._may_concern_rollout(device, report["version"], mode):
             try:
-                self.rollouts.check_quality(device.model, device.channel, report["version"], mode)
+                paused = self.rollouts.check_quality(device.model, device.channel, report["version"], mode)
+                if paused:
+                    result = {**result, "rollout_paused": paused}
             except Exception as exc:  # noqa: BLE001  (the report is stored; a failed judgement must not fail it)
                 log.warning("could not check a rollout's quality gates: %s", getattr(exc, "message", None) or exc,
                             extra={"model": device.model, "channel": device.channel, "version": report["version"]})

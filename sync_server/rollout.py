@@ -454,10 +454,10 @@ class Rollouts:
     def _judge_quality(self, model: str, channel: str, version: int, mode: str) -> str | None:
         wanted = SHADOW if mode == "shadow" else CANARY
         with self.db.read() as session:
-            model_row = session.scalar(select(Model).where(Model.name == model))
-            if model_row is None:
+            model_id = session.scalar(select(Model.id).where(Model.name == model))
+            if model_id is None:
                 return None
-            row = session.scalar(select(Channel).where(Channel.model_id == model_row.id, Channel.name == channel))
+            row = session.scalar(select(Channel).where(Channel.model_id == model_id, Channel.name == channel))
             if row is None or row.rollout_state != ACTIVE or row.rollout_version != version or rollout_mode(row) != wanted:
                 return None
             started = as_utc(row.rollout_started_at)
@@ -469,7 +469,7 @@ class Rollouts:
         reason = "paused automatically: " + "; ".join(c.message for c in result.failed)
         with self.db.write() as session:
             row = session.scalar(
-                select(Channel).where(Channel.model_id == model_row.id, Channel.name == channel).with_for_update()
+                select(Channel).where(Channel.model_id == model_id, Channel.name == channel).with_for_update()
             )
             if (row is None or row.rollout_state != ACTIVE or row.rollout_version != version
                     or rollout_mode(row) != wanted or as_utc(row.rollout_started_at) != started):
@@ -491,7 +491,7 @@ class Rollouts:
         shadow rollout, serving reports in a canary) against the channel's version's serving reports,
         both from this channel, over the window since the rollout (re)started."""
         from .gates import evaluate_gates
-        from .quality import version_quality
+        from .rollout_quality import window_quality as version_quality  # exact `since`, not its hour
 
         assert row.rollout_version is not None
         gates = _gates_of(row, self.gates)
