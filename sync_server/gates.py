@@ -12,9 +12,10 @@ figures over the same window and with the candidate bundle's own baseline:
     class_jsd            canary, shadow   predicted-class JSD from the bundle baseline > max_class_jsd
     input_shift          canary, shadow   input mean shift from the bundle baseline > max_input_shift
 
-Each check ends `pass`, `fail`, `not_enough_data` (a side has fewer than `min_predictions`; fallback
-answers for the disagreement gate) or `not_measured` (enough predictions, but the figure does not exist:
-no baseline in the bundle, agents that do not report it, no fallback answered, no current version).
+Each check ends `pass`, `fail`, `not_enough_data` (a side has fewer than `min_predictions`) or
+`not_measured` (enough predictions, but the figure does not exist: no baseline in the bundle, agents
+that do not report it, no current version; or, for the disagreement gate, fewer than `min_predictions`
+fallback answers on a side: fallbacks are rare by design, so their scarcity holds no step back).
 A failed check pauses a rollout; a step (shadow -> canary, promote) needs no failed check and no
 check waiting for data.
 """
@@ -160,9 +161,12 @@ def _increase(gate: str, label: str, candidate: "VersionQuality", current: "Vers
         counts = (candidate.predictions, current.predictions)
     else:
         samples = counts = (candidate.predictions, current.predictions)
-    short = _short(counts, gates) or (_short(samples, gates, unit) if min(samples) > 0 else None)
+    short = _short(counts, gates)
     if short:
         return GateCheck(gate, NOT_ENOUGH_DATA, mine, theirs, margin, samples, f"{label}: not enough data ({short})")
+    few = _short(samples, gates, unit) if samples != counts else None
+    if few:  # fallbacks are rare by design: too few answers to judge holds no step back
+        return GateCheck(gate, NOT_MEASURED, mine, theirs, margin, samples, f"{label}: not measured (only {few})")
     if mine is None or theirs is None:
         return GateCheck(gate, NOT_MEASURED, mine, theirs, margin, samples,
                          f"{label}: not measured (not reported for version {candidate.version if mine is None else current.version})")
