@@ -351,3 +351,19 @@ def _spec():
     from preprocessing import PreprocessSpec
 
     return PreprocessSpec(height=32, width=32)
+
+
+def test_the_servable_decodes_once_and_answers_as_the_classifier_does(bundles, publisher, photos):  # noqa: F811
+    from edge_runtime.agent.servable import make_loader
+    from edge_runtime.classifier import Classifier, ClassifierOptions
+
+    bundle = bundles.make("m", 1)
+    servable = make_loader(publisher.public_key, bundle.parent)(bundle)
+    with Classifier.create_from_options(ClassifierOptions(model=bundle, public_key=publisher.public_key, top_k=3)) as classifier:
+        for photo in photos[:4]:
+            answer = servable.classify(photo, 3)
+            categories, ms = answer  # still the (categories, milliseconds) pair older callers unpack
+            assert categories == classifier.classify(photo)[0] and ms > 0
+            assert (answer.pixels == preprocess_pixels(photo, classifier.spec)).all()
+            assert answer.label_index == classifier.labels.index(categories[0].label)
+    servable.close()
