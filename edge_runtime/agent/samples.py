@@ -87,7 +87,7 @@ class SampleStore:
         self.skipped_large = 0  # one photo bigger than the whole budget
         self._said_disk = False
         self._lock = threading.Lock()
-        self._queue: queue.Queue[tuple[ClassifiedPhoto, bytes, float] | None] = queue.Queue(queue_size)
+        self._queue: queue.Queue[tuple[ClassifiedPhoto, bytes, int] | None] = queue.Queue(queue_size)
         self._samples: list[tuple[str, int]] = []  # (name, bytes), oldest first
         self._bytes = 0
         self._recover()
@@ -99,7 +99,7 @@ class SampleStore:
     def offer(self, photo: ClassifiedPhoto, data: bytes) -> None:
         """Keep `data` (the photo as received) later, on the writer thread; never blocks."""
         try:
-            self._queue.put_nowait((photo, data, time.time()))
+            self._queue.put_nowait((photo, data, time.time_ns()))
         except queue.Full:
             with self._lock:
                 self.skipped_busy += 1
@@ -143,10 +143,11 @@ class SampleStore:
             finally:
                 self._queue.task_done()
 
-    def _write(self, photo: ClassifiedPhoto, data: bytes, at: float) -> None:
+    def _write(self, photo: ClassifiedPhoto, data: bytes, at_ns: int) -> None:
         pixels_sha = hashlib.sha256(photo.pixels.tobytes()).hexdigest()
         accepted, _ = sniff_format(data[:16])
-        name = f"{int(at * 1e9):020d}-v{photo.ref.version}-{pixels_sha[:8]}"
+        name = f"{at_ns:020d}-v{photo.ref.version}-{pixels_sha[:8]}"
+        at = at_ns / 1e9
         photo_name = name + _EXTENSIONS.get(accepted or "", ".bin")
         meta = {
             "model": photo.ref.name, "version": photo.ref.version, "label": photo.label, "label_index": photo.label_index,
