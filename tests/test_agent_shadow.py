@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime.agent import Agent, AgentOptions, AgentPaths, RetryOptions, ServeOptions, TimeoutOptions
+from edge_runtime.agent import Agent, AgentOptions, AgentPaths, RetryOptions, ServeOptions, TimeoutOptions, enroll
 from edge_runtime.agent.assignment import parse_assignment
 from edge_runtime.agent.config import Identity, save_identity
 from edge_runtime.agent.options import ShadowOptions
@@ -27,10 +28,10 @@ from edge_runtime.agent.serving import ClassifiedPhoto
 from edge_runtime.agent.shadow import ShadowRunner
 from edge_runtime.store import ModelRef, ModelStore
 from preprocessing import preprocess_pixels
-from tests.agent_support import ROOT, BundleMaker, device_home, wait_for
+from tests.agent_support import ROOT, BundleMaker, device_home, sync_server_process, wait_for
 from tests.conftest import real_photo_path
 from tests.misbehaving_server import MisbehavingServer
-from tests.server_fixtures import publisher  # noqa: F401  (fixture)
+from tests.server_fixtures import ENROLLMENT_SECRET, publisher  # noqa: F401  (fixture)
 
 PHOTOS = [real_photo_path(name).read_bytes() for name in ("rocket.jpg", "chelsea.png", "coffee.png", "astronaut.png")]
 
@@ -172,6 +173,39 @@ def test_a_promotion_from_shadow_uses_the_files_already_verified_and_downloads_n
         assert status == 200 and body["model"]["version"] == 2
 
 
+@pytest.mark.xfail(strict=True, reason="sync_server/api/artifacts.py lets a device download only the files of its served "
+                   "version, not of its shadow version (404 unknown_artifact); with that one check widened this story passes")
+def test_a_shadow_rollout_on_a_real_sync_server_reaches_the_kiosk_and_its_agreement_reaches_the_quality_figures(
+        bundles, publisher, tmp_path):  # noqa: F811
+    with sync_server_process(tmp_path / "server", [publisher.public_key]) as server:
+        server.publish(bundles.make("shadowed", 1), publisher.saved_model)
+        server.publish(bundles.make("shadowed", 2), publisher.saved_model, channel=None)
+        home = device_home(tmp_path, publisher)
+        enroll(AgentPaths.at(home), server.url, ENROLLMENT_SECRET, model="shadowed", name="kiosk-shadowed")
+        with Agent.create_from_options(options(home, push=True)) as agent:
+            wait_for(lambda: agent.handle.current is not None and agent.handle.current.version == 1, what="v1 served")
+            started = server.admin("POST", "/v1/models/shadowed/channels/stable/rollout",
+                                   json={"version": 2, "percent": 100, "mode": "shadow", "sample_rate": 1.0})
+            assert started.status_code == 200, started.text
+            wait_for(lambda: agent.shadow.current is not None and agent.shadow.current.version == 2, what="v2 run in shadow")
+            answers = [classify(agent.url, photo) for photo in PHOTOS * 3]
+            assert {(status, body["model"]["version"]) for status, body in answers} == {(200, 1)}
+
+            def shadow_figures() -> dict | None:
+                quality = server.admin("GET", "/v1/models/shadowed/quality", params={"mode": "shadow"}).json()
+                figures = next((v for v in quality["versions"] if v["version"] == 2 and v["mode"] == "shadow"), None)
+                return figures if figures and figures["predictions"] == len(answers) else None
+
+            figures = wait_for(shadow_figures, what="v2's shadow figures at the server")
+            assert figures["shadow_agreement"] == 1.0, "v2 (v1's weights) agrees with v1 on every photo"
+            assert agent.outbox.dead_count() == 0, "the server took every report (status and shadow telemetry)"
+
+            assert server.admin("POST", "/v1/models/shadowed/channels/stable/rollback").status_code == 200
+            wait_for(lambda: agent.shadow.current is None, what="the shadow dropped after the rollback")
+            assert ModelStore(home / "shadow").versions() == []
+            assert classify(agent.url, PHOTOS[0])[1]["model"]["version"] == 1
+
+
 # --- faults of the candidate never reach the answers -------------------------------------------------------
 
 
@@ -295,6 +329,9 @@ def test_a_full_shadow_queue_drops_samples_and_counts_them_and_a_foreign_geometr
     runner.start()
     try:
         wait_for(lambda: runner.counts["run"] == 3, what="the three queued samples run")
+        niceness = int(Path(f"/proc/self/task/{runner.native_id}/stat").read_text().rsplit(")", 1)[1].split()[16])
+        assert niceness == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10), "the shadow thread runs at a lower priority"
+        assert os.getpriority(os.PRIO_PROCESS, 0) < niceness, "the process (and its request threads) kept theirs"
         runner.offer(other)
         wait_for(lambda: runner.counts["skipped_geometry"] == 1, what="the photo of another geometry skipped")
         assert [kwargs["agrees"] for _args, kwargs in recorded] == [True] * 3

@@ -99,6 +99,7 @@ class ShadowRunner:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self.native_id: int | None = None  # the shadow thread's id (its niceness is its own)
 
     # --- the request thread ---------------------------------------------------------------------
 
@@ -167,8 +168,9 @@ class ShadowRunner:
     # --- the shadow thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
+        self.native_id = threading.get_native_id()
         try:  # Linux: the niceness of this thread only; the requests' threads keep theirs
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, os.getpriority(os.PRIO_PROCESS, 0) + self.nice))
+            os.setpriority(os.PRIO_PROCESS, self.native_id, min(19, os.getpriority(os.PRIO_PROCESS, 0) + self.nice))
         except (OSError, AttributeError):
             pass
         while not self._stop.is_set():
