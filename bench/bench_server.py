@@ -5,10 +5,12 @@
 
 In one run, for each model (`demo`: a 96x96 demo-architecture model trained for one epoch on a small
 synthetic data set, or `--saved-model`; `mobilenetv2`: `MobileNetV2(weights=None)` at 224x224 with 6
-classes, random weights and real compute, built into the work folder; nothing is downloaded) it:
+classes, random weights and real compute, built into the work folder; nothing is downloaded), published
+with `converter.serving.add_pixel_signatures` (`--pixel-signatures off`: as exported), it:
   1. converts the SavedModel into a signed bundle and renders a few synthetic shop photos;
-  2. measures the bytes on the wire per photo (device to server, server to backend) and the compact
-     JSON encoding the TF Serving REST client sends against json.dumps;
+  2. measures the bytes on the wire per photo (device to server, and server to backend for each protocol:
+     float32 for a version without the pixel signatures, uint8 / base64 PNG for one with them, from the
+     backends' own encoders) and the compact JSON encoding the TF Serving REST client sends against json.dumps;
   3. measures where a photo's CPU time goes in this process: preparing it (decode, fit, resize) and
      the model per photo at batch 1 and at a full batch;
   4. for batching on and off: starts `sync-server serve` in a subprocess (embedded SavedModel, or
@@ -86,8 +88,10 @@ def build_mobilenetv2(out: Path, data: Path) -> Path:
     return out
 
 
-def prepare_inputs(work: Path, saved_model: Path | None, model: str = "demo") -> tuple[Path, Path, Path, list[bytes]]:
-    """(SavedModel, bundle, publisher public key, photos)."""
+def prepare_inputs(work: Path, saved_model: Path | None, model: str = "demo",
+                   pixel_signatures: bool = False) -> tuple[Path, Path, Path, list[bytes]]:
+    """(SavedModel, bundle, publisher public key, photos); with `pixel_signatures` the SavedModel converted and
+    published is `add_pixel_signatures`' copy (the backend then gets uint8 pixels, normalised in the graph)."""
     from edge_demo.synthetic import GeneratorOptions, generate_dataset
 
     data = work / "data"
@@ -103,12 +107,20 @@ def prepare_inputs(work: Path, saved_model: Path | None, model: str = "demo") ->
 
             print("training a throwaway 96x96 model (one epoch) ...", flush=True)
             train(data, saved_model, TrainOptions(epochs=1, patience=0))
+    if pixel_signatures:
+        from converter.serving import add_pixel_signatures
+
+        with_pixels = work / f"{model}-pixels"
+        if not (with_pixels / "saved_model.pb").is_file():
+            shutil.rmtree(with_pixels, ignore_errors=True)
+            add_pixel_signatures(saved_model, with_pixels)
+        saved_model = with_pixels
     from converter import ConvertOptions, SigningOptions, ValidationOptions, convert, write_keypair
 
     key = work / "publisher"
     if not key.exists():
         write_keypair(key)
-    bundle = work / f"bundle-{model}"
+    bundle = work / f"bundle-{model}{'-pixels' if pixel_signatures else ''}"
     shutil.rmtree(bundle, ignore_errors=True)
     convert(saved_model, ConvertOptions(out=bundle, validation=ValidationOptions(skip=True), signing=SigningOptions(key=key), name="bench", version=1))
     return saved_model, bundle, Path(str(key) + ".pub"), photos
@@ -140,18 +152,48 @@ def encoding_report(saved_model: Path, photo: bytes) -> dict[str, Any]:
 
 
 def wire_report(saved_model: Path, photos: list[bytes]) -> dict[str, Any]:
-    """Bytes per photo on each hop of the embedded path, and what the same photo is as a backend request."""
-    from preprocessing import PreprocessSpec, preprocess
+    """Bytes per photo on each hop, from the backends' own encoders: float32 for a version without the pixel
+    signatures, uint8 (REST: base64 PNGs) for one with them; the REST PNGs' size varies with the photo (mean)."""
+    from preprocessing import PreprocessSpec, preprocess, preprocess_pixels
     from sync_server.predict.json_tensor import encode_float_tensor
+    from sync_server.predict.oip import ModelInfo, TensorInfo, encode_infer_request
+    from sync_server.predict.tf_serving import encode_png, encode_png_request
+    from sync_server.predict.tf_serving_grpc import _protos, encode_tensor
 
     spec = PreprocessSpec.from_json((saved_model / "preprocess_spec.json").read_text())
     x = preprocess(photos[0], spec)[None]
+    pixels = [preprocess_pixels(p, spec)[None] for p in photos]
+
+    def grpc_bytes(batch: np.ndarray, signature: str, key: str) -> int:
+        request = _protos().predict_pb2.PredictRequest()
+        request.model_spec.name, request.model_spec.signature_name = "bench", signature
+        request.model_spec.version.value = 1
+        request.inputs[key].CopyFrom(encode_tensor(batch))
+        return request.ByteSize()
+
+    def oip_bytes(batch: np.ndarray, datatype: str) -> int:
+        info = ModelInfo(TensorInfo("image", datatype, (-1, spec.height, spec.width, 3)), TensorInfo("output_0", "FP32", (-1, 6)))
+        return len(encode_infer_request(info, batch)[0])
+
+    png_ms = {}
+    for level in (0, 1, 3, 6):
+        started = time.perf_counter()
+        sizes = [len(encode_png(p[0], level)) for p in pixels]
+        png_ms[level] = {"ms": round((time.perf_counter() - started) / len(pixels) * 1000, 2), "png_bytes_mean": int(np.mean(sizes)),
+                         "png_bytes_max": max(sizes)}
     return {
         "device_to_server_photo_bytes": int(np.mean([len(p) for p in photos])),
         "device_to_server_prepared_uint8_bytes": spec.height * spec.width * 3,
         "server_to_backend_embedded_bytes": 0,  # in this process: no wire
         "server_to_backend_rest_json_bytes": len(encode_float_tensor(x)),
         "server_to_backend_float32_tensor_bytes": int(x.nbytes),
+        "per_protocol": {
+            "tf-serving-rest": {"float32": len('{"instances":' + encode_float_tensor(x) + "}"),
+                                "pixels": int(np.mean([len(encode_png_request(p, "png")) for p in pixels]))},
+            "tf-serving-grpc": {"float32": grpc_bytes(x, "serving_default", "image"), "pixels": grpc_bytes(pixels[0], "pixels", "pixels")},
+            "oip": {"float32": oip_bytes(x, "FP32"), "pixels": oip_bytes(pixels[0], "UINT8")},
+        },
+        "png_by_compress_level": png_ms,
     }
 
 
@@ -573,6 +615,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tf-serving-url", help="benchmark TF Serving at this URL instead of the embedded predictor")
     parser.add_argument("--server-setting", action="append", default=[], metavar="NAME=VALUE",
                         help="an extra SYNC_SERVER_* setting for both servers, e.g. SYNC_SERVER_NUM_BATCH_THREADS=1")
+    parser.add_argument("--pixel-signatures", choices=("on", "off"), default="on",
+                        help="publish the SavedModel with converter.serving.add_pixel_signatures, so the server sends "
+                             "uint8 pixels to the model (default on); off: float32 as for an older export")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -590,12 +635,13 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_average_at_start": list(os.getloadavg())},
         "backend": "tf_serving" if args.tf_serving_url else "embedded",
+        "pixel_signatures": args.pixel_signatures,
         "server_settings": extra,
         "models": {},
     }
     for model in models:
         print(f"== {model}", flush=True)
-        saved_model, bundle, public_key, photos = prepare_inputs(args.work, args.saved_model, model)
+        saved_model, bundle, public_key, photos = prepare_inputs(args.work, args.saved_model, model, args.pixel_signatures == "on")
         max_batch = int(extra.get("SYNC_SERVER_MAX_BATCH_SIZE", 32))
         entry: dict[str, Any] = {
             "wire": wire_report(saved_model, photos),
@@ -609,6 +655,9 @@ def main(argv: list[str] | None = None) -> int:
               f"prepared uint8 pixels would be {wire['device_to_server_prepared_uint8_bytes']:,}); server->backend "
               f"embedded 0 (in process), REST JSON {wire['server_to_backend_rest_json_bytes']:,}, float32 tensor "
               f"{wire['server_to_backend_float32_tensor_bytes']:,}", flush=True)
+        for protocol, sizes in wire["per_protocol"].items():
+            print(f"server->backend {protocol}: float32 {sizes['float32']:,} B, uint8 pixels {sizes['pixels']:,} B per photo", flush=True)
+        print(f"PNG per photo by compress level (REST pixels): {wire['png_by_compress_level']}", flush=True)
         print(f"TF Serving REST body: exact {enc['exact_shortest_float32']['ms']} ms to encode; json.dumps "
               f"{enc['json_dumps_tolist']['bytes']:,} B in {enc['json_dumps_tolist']['ms']} ms", flush=True)
         print(f"CPU per photo in this process: {entry['cpu']}", flush=True)
@@ -653,6 +702,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{model}: bytes per photo device->server: photo {entry['wire']['device_to_server_photo_bytes']:,}, pixels "
               f"{entry['wire']['device_to_server_prepared_uint8_bytes']:,}; server->backend: embedded 0, REST JSON "
               f"{entry['wire']['server_to_backend_rest_json_bytes']:,}, float32 tensor {entry['wire']['server_to_backend_float32_tensor_bytes']:,}")
+    print("\n| server -> backend, one photo | " + " | ".join(report["models"]) + " |")
+    print("|---|" + "---|" * len(report["models"]))
+    for protocol in ("tf-serving-rest", "tf-serving-grpc", "oip"):
+        cells = [f"{e['wire']['per_protocol'][protocol]['float32']:,} B / {e['wire']['per_protocol'][protocol]['pixels']:,} B"
+                 for e in report["models"].values()]
+        print(f"| {protocol} float32 / pixels | " + " | ".join(cells) + " |")
     for model, entry in report["models"].items():
         cpu = entry["cpu"]
         print(f"{model}: a lone request, interleaved in process: through the batcher {cpu['lone_request_batcher_ms']} ms, "

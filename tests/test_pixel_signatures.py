@@ -172,6 +172,7 @@ def test_the_embedded_predictor_runs_pixels_through_the_signature_and_floats_wit
     original = predictor._predict_sync
     predictor._predict_sync = lambda n, v, batch: (sent.append(batch.dtype), original(n, v, batch))[1]
     answers = _ask_both(predictor, models, lambda: sent[-1])
+    assert predictor.warmed_up == {(models.name, 1): 2, (models.name, 2): 1}, "without records: a zero photo per signature served"
     expected = _reference(models)
     assert answers[1][1] == np.uint8 and answers[2][1] == np.float32
     assert np.allclose(answers[1][0], expected, atol=1e-5) and np.allclose(answers[2][0], expected, atol=1e-5)

@@ -9,8 +9,8 @@ memory briefly holds one extra model during a switch. TensorFlow is imported her
 
 A version is warmed up as TF Serving does it before it counts as loaded: the requests in its
 `assets.extra/tf_serving_warmup_requests` (the converter writes them), or without that file one
-zero photo of the signature's input shape, run once (records for `pixels` and `pixels_png` run through
-those signatures); a version whose warm-up fails is not served.
+zero photo of the signature's input shape (and of `pixels`, when the version has it), run once (records
+for `pixels` and `pixels_png` run through those signatures); a version whose warm-up fails is not served.
 """
 
 from __future__ import annotations
@@ -215,7 +215,10 @@ def _warmup_requests(file: Path, loaded: _Loaded, spec: Any, name: str, version:
     if not file.is_file():
         if shape is None:
             return [], "none"
-        return [(default, loaded.input_name, np.zeros(shape, dtype=np.float32))], "zeros"
+        zeros = [(default, loaded.input_name, np.zeros(shape, dtype=np.float32))]
+        if loaded.pixels_function is not None:  # its first call would pay TensorFlow's lazy set-up too
+            zeros.append((PIXELS_SIGNATURE, loaded.pixels_input, np.zeros(shape, dtype=np.uint8)))
+        return zeros, "zeros"
 
     def refuse(reason: str) -> BackendFailedError:
         return BackendFailedError(f"the warm-up requests of version {version} of model {name} ({WARMUP_FILE}) {reason}",
