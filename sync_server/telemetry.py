@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from sqlalchemy import case, select
 from sqlalchemy.exc import IntegrityError
@@ -255,21 +255,16 @@ def roll_up(executor: Any, dialect: str, item: Rollup) -> None:
     """Add `item` to the rollups (inside the caller's transaction; `executor`: a Session or Connection).
 
     Tables are always touched in one order (the hourly row first, then its children by index), so
-    concurrent transactions on PostgreSQL queue on the hourly row instead of deadlocking.
+    concurrent transactions on PostgreSQL queue on the hourly row instead of deadlocking. The upserts
+    are built once per dialect and run with parameters (compiled once, cached; children as executemany).
     """
-    insert = _insert(dialect)
-    hourly = TelemetryHourly.__table__
-    stmt = insert(hourly).values(**item.hourly_values())
-    ex = stmt.excluded
-    updates: dict[str, Any] = {name: hourly.c[name] + ex[name] for name in SUMMED}
-    updates["latency_p99_max"] = _larger(hourly.c.latency_p99_max, ex.latency_p99_max)
-    updates["histogram_bins"] = _larger(hourly.c.histogram_bins, ex.histogram_bins)
-    updates["class_slots"] = _larger(hourly.c.class_slots, ex.class_slots)
-    executor.execute(stmt.on_conflict_do_update(index_elements=list(_KEY_COLUMNS), set_=updates))
-
+    upserts = _upserts(dialect)
     key = item.key
-    _add_counts(executor, insert, TelemetryHourlyConfidence.__table__, "bin", key, item.histogram)
-    _add_counts(executor, insert, TelemetryHourlyClass.__table__, "class_index", key, item.class_counts or ())
+    executor.execute(upserts["hourly"], item.hourly_values())
+    for name, index_name, counts in (("confidence", "bin", item.histogram), ("classes", "class_index", item.class_counts or ())):
+        rows = [{**key, index_name: i, "n": int(n)} for i, n in enumerate(counts) if n]
+        for start in range(0, len(rows), _CHUNK):
+            executor.execute(upserts[name], rows[start:start + _CHUNK])
     stats = item.input_stats
     if stats and stats.get("pixels"):
         rows = [
@@ -277,40 +272,55 @@ def roll_up(executor: Any, dialect: str, item: Rollup) -> None:
             for i, (s, q) in enumerate(zip(stats["sum"], stats["sum_sq"]))
         ]
         if rows:
-            table = TelemetryHourlyInput.__table__
-            stmt = insert(table).values(rows)
-            executor.execute(stmt.on_conflict_do_update(
-                index_elements=[*_KEY_COLUMNS, "channel_index"],
-                set_={name: table.c[name] + stmt.excluded[name] for name in ("pixels", "pixel_sum", "pixel_sum_sq")},
-            ))
+            executor.execute(upserts["input"], rows)
+    executor.execute(upserts["hourly_device"], {**key, "device_id": item.device_id})
+    executor.execute(upserts["device"], {
+        "model_id": item.model_id, "version": item.version, "mode": item.mode, "channel": item.channel,
+        "device_id": item.device_id, "first_hour": item.hour, "last_hour": item.hour,
+    })
 
-    executor.execute(
-        insert(TelemetryHourlyDevice.__table__).values(**key, device_id=item.device_id).on_conflict_do_nothing(
-            index_elements=[*_KEY_COLUMNS, "device_id"]
-        )
+
+_UPSERTS: dict[str, dict[str, Any]] = {}
+
+
+def _upserts(dialect: str) -> dict[str, Any]:
+    """The rollups' INSERT ... ON CONFLICT statements for `dialect` (built once)."""
+    if dialect in _UPSERTS:
+        return _UPSERTS[dialect]
+    insert = _insert(dialect)
+    out: dict[str, Any] = {}
+    hourly = TelemetryHourly.__table__
+    stmt = insert(hourly)
+    ex = stmt.excluded
+    updates: dict[str, Any] = {name: hourly.c[name] + ex[name] for name in SUMMED}
+    updates["latency_p99_max"] = _larger(hourly.c.latency_p99_max, ex.latency_p99_max)
+    updates["histogram_bins"] = _larger(hourly.c.histogram_bins, ex.histogram_bins)
+    updates["class_slots"] = _larger(hourly.c.class_slots, ex.class_slots)
+    out["hourly"] = stmt.on_conflict_do_update(index_elements=list(_KEY_COLUMNS), set_=updates)
+    for name, table, index_name in (("confidence", TelemetryHourlyConfidence.__table__, "bin"),
+                                    ("classes", TelemetryHourlyClass.__table__, "class_index")):
+        stmt = insert(table)
+        out[name] = stmt.on_conflict_do_update(index_elements=[*_KEY_COLUMNS, index_name], set_={"n": table.c.n + stmt.excluded.n})
+    table = TelemetryHourlyInput.__table__
+    stmt = insert(table)
+    out["input"] = stmt.on_conflict_do_update(
+        index_elements=[*_KEY_COLUMNS, "channel_index"],
+        set_={name: table.c[name] + stmt.excluded[name] for name in ("pixels", "pixel_sum", "pixel_sum_sq")},
     )
+    out["hourly_device"] = insert(TelemetryHourlyDevice.__table__).on_conflict_do_nothing(
+        index_elements=[*_KEY_COLUMNS, "device_id"])
     devices = TelemetryDevice.__table__
-    stmt = insert(devices).values(
-        model_id=item.model_id, version=item.version, mode=item.mode, channel=item.channel, device_id=item.device_id,
-        first_hour=item.hour, last_hour=item.hour,
-    )
-    executor.execute(stmt.on_conflict_do_update(
+    stmt = insert(devices)
+    out["device"] = stmt.on_conflict_do_update(
         index_elements=["model_id", "version", "mode", "channel", "device_id"],
         set_={
             "last_hour": _larger(devices.c.last_hour, stmt.excluded.last_hour),
             "first_hour": case((stmt.excluded.first_hour < devices.c.first_hour, stmt.excluded.first_hour),
                                else_=devices.c.first_hour),
         },
-    ))
-
-
-def _add_counts(executor: Any, insert: Any, table: Any, index_name: str, key: dict[str, Any], counts: Iterable[int]) -> None:
-    rows = [{**key, index_name: i, "n": int(n)} for i, n in enumerate(counts) if n]
-    for start in range(0, len(rows), _CHUNK):
-        stmt = insert(table).values(rows[start:start + _CHUNK])
-        executor.execute(stmt.on_conflict_do_update(
-            index_elements=[*_KEY_COLUMNS, index_name], set_={"n": table.c.n + stmt.excluded.n}
-        ))
+    )
+    _UPSERTS[dialect] = out
+    return out
 
 
 def roll_up_existing(executor: Any, dialect: str) -> int:
