@@ -489,22 +489,31 @@ class Rollouts:
     def _evaluate(self, session: Session, row: Channel) -> "GateResult":
         """The gates' verdict on the channel's rollout: the candidate's figures (shadow reports in a
         shadow rollout, serving reports in a canary) against the channel's version's serving reports,
-        both from this channel, over the window since the rollout (re)started."""
+        both from this channel, over the last `window_s` and never from before the rollout (re)started.
+
+        From a (re)start the window is exact (`rollout_quality.window_quality`): a resumed rollout is
+        judged afresh. A window that only slides starts at the top of its hour (the rollups' resolution).
+        """
         from .gates import evaluate_gates
-        from .rollout_quality import window_quality as version_quality  # exact `since`, not its hour
+        from .quality import version_quality
+        from .rollout_quality import window_quality
 
         assert row.rollout_version is not None
         gates = _gates_of(row, self.gates)
         mode = rollout_mode(row)
+        report_mode = "shadow" if mode == SHADOW else "serving"
         since = utcnow() - timedelta(seconds=gates.window_s)
         started = as_utc(row.rollout_started_at)
         if started is not None and started > since:
-            since = started
-        candidate = version_quality(session, row.model_id, row.rollout_version, mode="shadow" if mode == SHADOW else "serving",
-                                    channel=row.name, since=since)
-        current = None
-        if row.version is not None:
-            current = version_quality(session, row.model_id, row.version, mode="serving", channel=row.name, since=since)
+            candidate = window_quality(session, row.model_id, row.rollout_version, mode=report_mode, channel=row.name,
+                                       since=started)
+            current = None if row.version is None else window_quality(
+                session, row.model_id, row.version, mode="serving", channel=row.name, since=started, distributions=False)
+        else:
+            candidate = version_quality(session, row.model_id, row.rollout_version, mode=report_mode, channel=row.name,
+                                        since=since)
+            current = None if row.version is None else version_quality(
+                session, row.model_id, row.version, mode="serving", channel=row.name, since=since)
         return evaluate_gates(candidate, current, gates, mode=mode)
 
     def _gated(self, row: Channel) -> bool:

@@ -1,18 +1,21 @@
-"""The quality gates' figures over an exact window: hourly rollups for the whole hours, raw reports for the first.
+"""The quality gates' figures from the moment a rollout (re)started: rollups for whole hours, raw reports
+for the first one.
 
 `quality.version_quality` reads the hourly rollups, so its window starts at the top of the hour `since`
-falls in. A rollout that was resumed (or moved from shadow to canary) at 10:40 must be judged on the
-reports since 10:40 only: the reports of 10:00-10:40 (those that paused it) must not count again. So
-the first, partial hour comes from the raw reports received since `since` (at most one hour of them,
-kept for days by the retention task) and the hours after it from the rollups, added up the same way.
+falls in. A rollout resumed (or moved from shadow to canary) at 10:40 must be judged on the reports
+since 10:40 only: the reports of 10:00-10:40, those that paused it, must not count again. So the first,
+partial hour is summed in SQL from the raw reports received since `since` (kept for days by the
+retention task, indexed by time), and the hours after it come from the rollups. Only the candidate's
+distributions (confidence histogram, class counts, input sums: JSON columns) are read row by row, and
+only for that first hour; the current version's gates need sums alone.
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import case, distinct, func, select
 from sqlalchemy.orm import Session
 
 from .models import Device, Telemetry
@@ -22,11 +25,22 @@ if TYPE_CHECKING:
 
 
 def window_quality(
-    session: Session, model_id: int, version: int, *, mode: str, channel: str | None, since: datetime | None
+    session: Session,
+    model_id: int,
+    version: int,
+    *,
+    mode: str,
+    channel: str | None,
+    since: datetime | None,
+    distributions: bool = True,
 ) -> "VersionQuality":
-    """`quality.version_quality` over the reports received from `since` exactly (not from its hour)."""
+    """`quality.version_quality` over the reports received from `since` exactly (not from its hour).
+
+    With `distributions` False the partial hour adds counts and rates only (no class, histogram or
+    input figures from it): enough for the gates that compare with the current version.
+    """
     from . import quality
-    from .telemetry import HOUR_S, Rollup, hour_of
+    from .telemetry import HOUR_S, hour_of
 
     if since is None or since.timestamp() == hour_of(since):
         return quality.version_quality(session, model_id, version, mode=mode, channel=channel, since=since)
@@ -34,55 +48,85 @@ def window_quality(
     sums = quality._sums(session, model_id, version=version, mode=mode, channel=channel, since=next_hour).get(
         (version, mode)
     ) or quality._Sums(histogram={}, classes={}, input={})
-    query = (
-        select(Telemetry)
-        .join(Device, Device.id == Telemetry.device_id)
-        .where(
-            Device.model_id == model_id,
-            Telemetry.version == version,
-            Telemetry.mode == mode,
-            Telemetry.received_at >= since,
-            Telemetry.received_at < next_hour,
-        )
-    )
+    t = Telemetry
+    where = [
+        Device.model_id == model_id,
+        t.version == version,
+        t.mode == mode,
+        t.received_at >= since,
+        t.received_at < next_hour,
+    ]
     if channel is not None:
-        query = query.where(Telemetry.channel == channel)
-    devices: set[str] = set()
-    for row in session.scalars(query):
-        _add(sums, Rollup.of(model_id, row))
-        devices.add(row.device_id)
-    sums.devices = max(sums.devices, len(devices))  # devices of the later hours are mostly the same ones
+        where.append(t.channel == channel)
+    reported = t.low_confidence.is_not(None)
+    timed = t.latency_p50_ms.is_not(None)
+    row = session.execute(
+        select(
+            func.count(),
+            func.sum(t.predictions),
+            func.sum(t.fallbacks),
+            func.sum(t.errors),
+            func.sum(case((reported, t.low_confidence), else_=0)),
+            func.sum(case((reported, t.predictions), else_=0)),
+            func.sum(t.fallback_answers),
+            func.sum(t.disagreements),
+            func.sum(t.agreements),
+            func.sum(case((timed, t.latency_p50_ms * t.predictions), else_=0.0)),
+            func.sum(case((timed, t.predictions), else_=0)),
+            func.sum(case((timed, t.latency_p50_ms), else_=0.0)),
+            func.count(t.latency_p50_ms),
+            func.max(t.latency_p99_ms),
+            func.count(distinct(t.device_id)),
+        )
+        .select_from(t)
+        .join(Device, Device.id == t.device_id)
+        .where(*where)
+    ).one()
+    (reports, predictions, fallbacks, errors, low, low_predictions, answers, disagreements, agreements,
+     p50_weighted, p50_weight, p50_sum, p50_reports, p99, devices) = row
+    if not reports:
+        return quality._quality(version, mode, channel, since, sums, quality._baseline(session, model_id, version))
+    sums.reports += int(reports)
+    sums.predictions += int(predictions or 0)
+    sums.fallbacks += int(fallbacks or 0)
+    sums.errors += int(errors or 0)
+    sums.low_confidence += int(low or 0)
+    sums.low_confidence_predictions += int(low_predictions or 0)
+    sums.fallback_answers += int(answers or 0)
+    sums.disagreements += int(disagreements or 0)
+    sums.agreements += int(agreements or 0)
+    sums.p50_weighted += float(p50_weighted or 0.0)
+    sums.p50_weight += int(p50_weight or 0)
+    sums.p50_sum += float(p50_sum or 0.0)
+    sums.p50_reports += int(p50_reports or 0)
+    if p99 is not None and (sums.p99_max is None or float(p99) > sums.p99_max):
+        sums.p99_max = float(p99)
+    sums.devices = max(sums.devices, int(devices or 0))  # the later hours' devices are mostly the same ones
+    if distributions:
+        rows = session.execute(
+            select(t.confidence_histogram, t.class_counts, t.input_stats)
+            .join(Device, Device.id == t.device_id)
+            .where(*where)
+        )
+        for histogram, classes, stats in rows:
+            _add_distributions(sums, histogram or (), classes or (), stats)
     return quality._quality(version, mode, channel, since, sums, quality._baseline(session, model_id, version))
 
 
-def _add(sums, item) -> None:  # type: ignore[no-untyped-def]
-    """Add one report (a `telemetry.Rollup`) to `quality._Sums` as the rollup upsert would."""
-    values = item.hourly_values()
-    for name, field in (
-        ("reports", "reports"), ("predictions", "predictions"), ("fallbacks", "fallbacks"), ("errors", "errors"),
-        ("low_confidence", "low_confidence"), ("low_confidence_predictions", "low_confidence_predictions"),
-        ("fallback_answers", "fallback_answers"), ("disagreements", "disagreements"), ("agreements", "agreements"),
-        ("latency_p50_weighted", "p50_weighted"), ("latency_p50_weight", "p50_weight"),
-        ("latency_p50_sum", "p50_sum"), ("latency_p50_reports", "p50_reports"), ("input_images", "input_images"),
-    ):
-        setattr(sums, field, getattr(sums, field) + values[name])
-    p99 = values["latency_p99_max"]
-    if p99 is not None and (sums.p99_max is None or p99 > sums.p99_max):
-        sums.p99_max = float(p99)
-    sums.histogram_bins = max(sums.histogram_bins, values["histogram_bins"])
-    sums.class_slots = max(sums.class_slots, values["class_slots"])
-    histogram = sums.histogram if sums.histogram is not None else {}
-    for index, count in enumerate(item.histogram):
-        histogram[index] = histogram.get(index, 0) + int(count)
-    sums.histogram = histogram
-    classes = sums.classes if sums.classes is not None else {}
-    for index, count in enumerate(item.class_counts or ()):
-        classes[index] = classes.get(index, 0) + int(count)
-    sums.classes = classes
-    stats = item.input_stats
-    inputs = sums.input if sums.input is not None else {}
+def _add_distributions(sums: Any, histogram: Any, classes: Any, stats: dict[str, Any] | None) -> None:
+    """Add one report's histogram, class counts and input sums to `quality._Sums` as the rollups would."""
+    sums.histogram = sums.histogram if sums.histogram is not None else {}
+    sums.classes = sums.classes if sums.classes is not None else {}
+    sums.input = sums.input if sums.input is not None else {}
+    sums.histogram_bins = max(sums.histogram_bins, len(histogram))
+    sums.class_slots = max(sums.class_slots, len(classes))
+    for index, count in enumerate(histogram):
+        sums.histogram[index] = sums.histogram.get(index, 0) + int(count)
+    for index, count in enumerate(classes):
+        sums.classes[index] = sums.classes.get(index, 0) + int(count)
+    if stats:
+        sums.input_images += int(stats.get("images") or 0)
     if stats and stats.get("pixels"):
         for index, (total, squares) in enumerate(zip(stats["sum"], stats["sum_sq"])):
-            pixels, s, q = inputs.get(index, (0, 0.0, 0.0))
-            inputs[index] = (pixels + int(stats["pixels"]), s + float(total), q + float(squares))
-    sums.input = inputs
+            pixels, s, q = sums.input.get(index, (0, 0.0, 0.0))
+            sums.input[index] = (pixels + int(stats["pixels"]), s + float(total), q + float(squares))

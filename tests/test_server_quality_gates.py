@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,9 +16,9 @@ from sync_server.config import QualityGates, RolloutOptions, ServerConfig, Throt
 from sync_server.errors import ConfigError
 from sync_server.gates import FAIL, NOT_ENOUGH_DATA, NOT_MEASURED, PASS, evaluate_gates
 from sync_server.quality import VersionQuality
+from tests.test_server_shadow_rollout import fleet, releases  # noqa: F401  (a fixture)
 from tests.server_fixtures import (  # noqa: F401  (fixtures)
     MODEL,
-    _drop_postgres_at_exit,
     publisher,
     running_server,
     server_config,
@@ -155,8 +154,6 @@ def test_gates_come_from_json_a_file_or_flags_and_bad_values_are_one_clear_line(
 
 
 def test_a_flood_of_reports_costs_one_evaluation_and_the_burst_is_still_judged_when_it_ends(publisher, tmp_path):
-    from tests.test_server_shadow_rollout import fleet
-
     interval = 3.0
     config = server_config(tmp_path / "data", None, publisher, throttle=ThrottleOptions(enabled=False),
                            rollout=RolloutOptions(quality_check_s=interval))
@@ -192,3 +189,58 @@ def test_a_flood_of_reports_costs_one_evaluation_and_the_burst_is_still_judged_w
         assert rollout["reason"] == (
             f"paused automatically: low-confidence rate {mine:.2f} vs {theirs:.2f} on version 1 ({mine - theirs:+.2f}, "
             f"above the +0.05 margin) over {12 * 20} and {150 * len(others)} predictions")
+
+
+def test_figures_from_a_restart_are_exact_and_agree_with_the_rollups(publisher, releases, tmp_path):
+    """The gates' exact window (raw reports for the first hour) against the rollups' own figures."""
+    from sqlalchemy import select
+
+    from sync_server.models import Model
+    from sync_server.models import utcnow as now
+    from sync_server.drift import jensen_shannon
+    from sync_server.quality import version_quality
+    from sync_server.rollout_quality import window_quality
+
+    config = server_config(tmp_path / "data", None, publisher, throttle=ThrottleOptions(enabled=False))
+    with running_server(config) as server:
+        assert server.publish(releases[1], publisher.saved_model).status_code == 201
+        server.set_channel(1)
+        devices = [server.enroll() for _ in range(3)]
+        labels = len(publisher.labels)
+
+        def send(device, predictions: int, low: int, classes: list[int], p50: float) -> None:  # type: ignore[no-untyped-def]
+            pixels = predictions * 64
+            body = {"version": 1, "period_s": 60.0, "predictions": predictions, "fallbacks": predictions // 10,
+                    "fallback_answers": predictions // 20, "disagreements": 1, "low_confidence": low,
+                    "class_counts": classes, "confidence_histogram": [0] * 8 + [low, predictions - low],
+                    "latency_ms": {"p50": p50, "p99": p50 * 3},
+                    "input_stats": {"images": predictions, "pixels": pixels, "sum": [100.0 * pixels] * 3,
+                                    "sum_sq": [12000.0 * pixels] * 3}}
+            response = server.client.post(f"/v1/devices/{device.id}/telemetry", headers=device.headers, json=body)
+            assert response.status_code == 202, response.text
+
+        before = now()
+        for i, device in enumerate(devices):
+            send(device, 100 + i, 10 + i, [100 + i] + [0] * (labels - 1), 3.0 + i)
+        restart = now()
+        later = [(200, 90), (150, 60)]
+        for device, (predictions, low) in zip(devices, later):
+            send(device, predictions, low, [0] * (labels - 1) + [predictions], 7.0)
+
+        with server.services.db.read() as session:
+            model_id = session.scalar(select(Model.id).where(Model.name == MODEL))
+            everything = version_quality(session, model_id, 1, channel="stable")
+            exact_all = window_quality(session, model_id, 1, mode="serving", channel="stable", since=before)
+            fresh = window_quality(session, model_id, 1, mode="serving", channel="stable", since=restart)
+            sums_only = window_quality(session, model_id, 1, mode="serving", channel="stable", since=restart,
+                                       distributions=False)
+        assert dataclasses.replace(exact_all, since=None) == everything, "the same reports, the same figures"
+        assert fresh.reports == len(later) and fresh.predictions == sum(p for p, _ in later)
+        assert fresh.low_confidence_rate == pytest.approx(sum(lo for _, lo in later) / sum(p for p, _ in later))
+        assert fresh.latency_p50_ms == pytest.approx(7.0)
+        assert everything.class_jsd is not None and everything.input_shift is not None, "the bundle has a baseline"
+        assert fresh.class_jsd != exact_all.class_jsd, "the later reports put every answer on another label"
+        baseline = json.loads((releases[1] / "manifest.json").read_text())["baseline"]["class_counts"]
+        sent_later = [sum(p for p, _ in later) if i == labels - 1 else 0 for i in range(labels)]
+        assert fresh.class_jsd == pytest.approx(jensen_shannon(sent_later, baseline)), "only the later reports' classes"
+        assert (sums_only.predictions, sums_only.low_confidence_rate) == (fresh.predictions, fresh.low_confidence_rate)
