@@ -210,7 +210,9 @@ class TFServingGrpcClient:
         deadline = loop.time() + budget
         signature = signature_name or "serving_default"
         what = _servable(name, version, label)
-        input_name = self._inputs.get((name, version, signature)) if version is not None else None
+        input_name = None
+        if version is not None:  # known from an earlier GetModelMetadata of this version
+            input_name = self._inputs.get((name, version, signature)) or self._signatures.get((name, version), {}).get(signature)
         if input_name is None:
             metadata = await self._metadata(name, version, label, deadline, budget, what)
             input_name = _input_name(p, metadata, signature, what)
