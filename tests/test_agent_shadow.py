@@ -338,6 +338,14 @@ def test_a_full_shadow_queue_drops_samples_and_counts_them_and_a_foreign_geometr
         assert {args for args, _kwargs in recorded} == {(2, 1)}
         assert all(kwargs["latency_ms"] > 0 and not kwargs.get("error") and kwargs["score"] > 0 for _a, kwargs in recorded)
         assert runner.status()["dropped"] == len(photos) - 3
+
+        failures: list[tuple[ModelRef, str]] = []
+        runner.on_error = lambda ref, why: failures.append((ref, why))
+        candidate.classifier.close()  # its interpreter is gone: every call into it fails
+        runner.offer(photos[0])
+        wait_for(lambda: runner.counts["errors"] == 1, what="the failed sample counted")
+        assert recorded[-1][1]["error"] is True and recorded[-1][1]["label_index"] is None
+        assert failures and failures[0][0] == ModelRef("m", 2), "the failure is the candidate's, said once to the keeper"
     finally:
         runner.stop()
         served.close()
