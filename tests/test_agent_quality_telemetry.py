@@ -25,6 +25,7 @@ from edge_runtime.agent.outbox import Outbox
 from edge_runtime.agent.telemetry import PeriodStats, TelemetryRecorder, pixel_sums
 from preprocessing import InputStats, preprocess_pixels
 from tests.agent_support import ROOT, BundleMaker, device_home, wait_for
+from tests.baseline_fixtures import validated_bundle  # noqa: F401  (fixture)
 from tests.conftest import real_photo_path
 from tests.misbehaving_server import MisbehavingServer
 from tests.server_fixtures import publisher  # noqa: F401  (fixture)
@@ -367,3 +368,55 @@ def test_the_servable_decodes_once_and_answers_as_the_classifier_does(bundles, p
             assert (answer.pixels == preprocess_pixels(photo, classifier.spec)).all()
             assert answer.label_index == classifier.labels.index(categories[0].label)
     servable.close()
+
+
+# --- against a real sync-server: the figures the operator sees come from what the agent measured ------------
+
+
+def test_a_device_that_sees_its_baselines_photos_shows_no_drift_and_other_photos_shift_its_inputs(
+        validated_bundle, tiny_saved_model, demo_dataset, tmp_path):
+    from converter import read_bundle
+    from edge_runtime.agent import enroll
+    from preprocessing import list_images, mean_shift
+    from tests.agent_support import sync_server_process
+    from tests.server_fixtures import ENROLLMENT_SECRET
+
+    baseline = read_bundle(validated_bundle.bundle, validated_bundle.public_key).manifest.baseline
+    assert baseline is not None
+    own = [Path(p).read_bytes() for p in list_images(validated_bundle.validation_photos)]
+    assert baseline.images == len(own), "the device gets exactly the photos the baseline was measured on"
+    others = [real_photo_path(name).read_bytes() for name in ("rocket.jpg", "chelsea.png", "coffee.png", "moon.png")]
+
+    with sync_server_process(tmp_path / "server", [validated_bundle.public_key]) as server:
+        server.publish(validated_bundle.bundle, tiny_saved_model)
+        home = tmp_path / "device"
+        home.mkdir()
+        (home / "trusted.pub").write_bytes(validated_bundle.public_key.read_bytes())
+        enroll(AgentPaths.at(home), server.url, ENROLLMENT_SECRET, model="shop", name="kiosk-baseline")
+
+        def figures(predictions: int) -> dict:
+            def ready() -> dict | None:
+                versions = server.admin("GET", "/v1/models/shop/quality?mode=serving").json()["versions"]
+                return versions[0] if versions and versions[0]["predictions"] >= predictions else None
+
+            return wait_for(ready, timeout=30, what=f"{predictions} predictions in the quality figures")
+
+        with Agent.create_from_options(options(home)) as agent:  # the bundle's own threshold
+            wait_for(lambda: agent.handle.current is not None, timeout=30, what="v1 served")
+            assert [post_photo(agent.url, photo)[0] for photo in own] == [200] * len(own)
+            same = figures(len(own))
+            assert same["predictions"] == len(own) and same["devices"] == 1
+            assert same["class_jsd"] == pytest.approx(0.0, abs=1e-9), "the same answers as the validation run"
+            assert same["confidence_jsd"] == pytest.approx(0.0, abs=1e-9)
+            assert same["low_confidence_rate"] == pytest.approx(baseline.low_confidence_rate, abs=1e-6)
+            assert same["input_shift"] == pytest.approx(0.0, abs=1e-3), "the same pixels as the baseline's"
+
+            assert [post_photo(agent.url, photo)[0] for photo in others] == [200] * len(others)
+            shifted = figures(len(own) + len(others))
+        spec = read_bundle(validated_bundle.bundle, validated_bundle.public_key).spec
+        seen = InputStats()
+        for photo in own + others:
+            seen.add(preprocess_pixels(photo, spec))
+        expected = mean_shift(seen, list(baseline.input.mean), list(baseline.input.std))
+        assert expected > 0.01
+        assert shifted["input_shift"] == pytest.approx(expected, rel=1e-3), "the shift of what the device saw"
