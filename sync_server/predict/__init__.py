@@ -1,11 +1,16 @@
 """Full-model predictions: one `Predictor` interface, two backends, batching in front of both.
 
-    base.Predictor          predict(name, version, batch) -> probabilities; model_status; ready; aclose
+    base.Predictor          predict(name, version, batch) -> probabilities; takes_pixels; model_status; ready; aclose
     tf_serving.py           TFServingClient (REST predict + model status) and TFServingPredictor
     tf_serving_grpc.py      TFServingGrpcClient (gRPC Predict with tensor_content + ModelService) and its predictor
     embedded.py             EmbeddedPredictor: SavedModels in-process (imports TensorFlow; loaded lazily)
     batching.py             Batcher: concurrent requests -> batches (max size, max wait), per version
-    service.py              PredictionService: photo bytes -> preprocess -> batch -> top-k
+    oip.py                  OIPPredictor: Open Inference Protocol REST with the binary tensor extension
+    service.py              PredictionService: photo bytes or device pixels -> prepare -> batch -> top-k
+
+A version exported with the converter's pixel signatures (`converter.serving.add_pixel_signatures`) takes
+the fitted uint8 pixels and normalises them in its graph: `takes_pixels` says so (embedded and gRPC:
+the `pixels` signature; REST: `pixels_png`; OIP: a UINT8 input), and the service then sends uint8.
 """
 
 from __future__ import annotations
