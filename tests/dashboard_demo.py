@@ -41,12 +41,12 @@ class DemoFleet:
     lost: str | None
 
 
-def baseline_bundles(publisher: Any, root: Path) -> dict[int, Path]:
-    """v1 and v2 of the publisher's model, each carrying a baseline, signed by the publisher's key."""
+def baseline_bundles(source: Path, public_key: Path, private_key: Path, root: Path) -> dict[int, Path]:
+    """v1 and v2 of the model in bundle `source`, each carrying a baseline, signed with `private_key`."""
     from converter import read_bundle, write_bundle
     from converter.baseline import Baseline, InputBaseline
 
-    bundle = read_bundle(publisher.bundles[1], publisher.public_key)
+    bundle = read_bundle(source, public_key)
     labels = len(bundle.labels)
     baseline = Baseline(
         images=600,
@@ -60,7 +60,7 @@ def baseline_bundles(publisher: Any, root: Path) -> dict[int, Path]:
     out = {}
     for version in (1, 2):
         manifest = dataclasses.replace(bundle.manifest, version=version, baseline=baseline)
-        out[version] = write_bundle(root / f"demo-v{version}", bundle.read_model(), manifest, sign_key=publisher.private_key)
+        out[version] = write_bundle(root / f"demo-v{version}", bundle.read_model(), manifest, sign_key=private_key)
     return out
 
 

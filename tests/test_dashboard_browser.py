@@ -43,7 +43,7 @@ def dashboard_server(publisher, tmp_path) -> Iterator[tuple[str, Any]]:  # noqa:
     40 % of stable, drifting). Checks for the browser first: no server is started for a skip."""
     api = chromium_or_skip()
     data = tmp_path / "data"
-    bundles = baseline_bundles(publisher, tmp_path)
+    bundles = baseline_bundles(publisher.bundles[1], publisher.public_key, publisher.private_key, tmp_path)
     seed(server_config(data, None, publisher), bundles, publisher.saved_model)
     args = ["--data-dir", str(data), "--admin-token", ADMIN_TOKEN, "--enrollment-secret", ENROLLMENT_SECRET,
             "--publisher-keys", str(publisher.public_key), "--embedded-preload", "off", "--log-format", "text"]
@@ -78,7 +78,7 @@ def test_an_operator_logs_in_reads_the_charts_and_pauses_the_rollout_from_the_pa
             assert page.inner_text("h1") == MODEL
             problems.clear()  # the refused login's 401 is no error of the page
 
-            page.wait_for_function("document.getElementById('charts').dataset.drawn !== undefined", timeout=10_000)
+            page.wait_for_selector("#charts[data-drawn]", state="attached", timeout=10_000)  # no eval: the CSP forbids it
             charts = page.evaluate(
                 """() => Array.from(document.querySelectorAll('canvas[data-chart]')).map((canvas) => {
                        const chart = Chart.getChart(canvas);

@@ -67,7 +67,10 @@ def _share(value: Any, digits: int = 1) -> str:
 
 
 def _num(value: Any, digits: int = 3) -> str:
-    return "–" if value is None else f"{float(value):.{digits}g}"
+    if value is None:
+        return "–"
+    number = float(value)
+    return "< 0.001" if 0 < abs(number) < 0.001 else f"{number:.{digits}g}"
 
 
 templates.filters.update(when=_when, share=_share, num=_num)
