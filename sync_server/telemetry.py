@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .db import Database
-from .devices import require_assigned
+from .devices import require_assigned, require_shadow_assigned
 from .errors import BadRequestError
 from .models import (
     Device,
@@ -114,13 +114,9 @@ def record(
 def _require_reporting(session: Session, device_id: str, model: str, report: dict[str, Any]) -> None:
     """403 `not_assigned` unless the device may report about this version in this mode."""
     if report.get("mode", "serving") == "shadow":
-        from . import devices
-
-        require_shadow = getattr(devices, "require_shadow_assigned", None)  # the shadow rollout's check
-        if require_shadow is not None:
-            require_shadow(session, device_id, model, report["version"])
-            return
-    require_assigned(session, device_id, model, report["version"])
+        require_shadow_assigned(session, device_id, model, report["version"])
+    else:
+        require_assigned(session, device_id, model, report["version"])
 
 
 def _seen(session: Session, device_id: str, key: str) -> bool:

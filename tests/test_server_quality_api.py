@@ -168,3 +168,35 @@ def test_since_is_an_iso_time_or_seconds_back():
         with pytest.raises(BadRequestError):
             parse_since(bad)
     assert quality.window_start(datetime(2026, 12, 1, 10, 59, 59, tzinfo=timezone.utc)) == datetime(2026, 12, 1, 10, tzinfo=timezone.utc)
+
+
+def test_shadow_reports_count_for_the_candidate_in_shadow_mode_only(db_url, publisher, tmp_path):
+    with running_server(server_config(tmp_path / "data", db_url, publisher)) as server:
+        server.publish_ok(publisher, 1, channel="stable")
+        server.publish_ok(publisher, 2)
+        kiosk = server.enroll()
+        labels = len(publisher.labels)
+        shadow = report(40, [40] + [0] * (labels - 1), version=2, mode="shadow", shadow_of=1, agreements=36, fallbacks=0,
+                        fallback_answers=0, disagreements=0)
+        post = lambda body: server.client.post(f"/v1/devices/{kiosk.id}/telemetry", headers=kiosk.headers, json=body)  # noqa: E731
+        early = post(shadow)
+        assert early.status_code == 403 and early.json()["error"]["code"] == "not_assigned", "no shadow rollout yet"
+
+        started = server.admin("POST", f"/v1/models/{MODEL}/channels/stable/rollout",
+                               json={"version": 2, "percent": 100, "mode": "shadow", "sample_rate": 0.5})
+        assert started.status_code == 200, started.text
+        assert kiosk.assignment().json()["shadow"]["version"] == 2
+        assert post(shadow).status_code == 202
+        assert post(report(100, [100] + [0] * (labels - 1), version=1)).status_code == 202
+        serving_v2 = post(report(10, [10] + [0] * (labels - 1), version=2))
+        assert serving_v2.status_code == 403, "the kiosk runs v2 only in shadow: no serving report about it"
+
+        body = server.admin("GET", f"/v1/models/{MODEL}/quality", params={"mode": "shadow"}).json()
+        (candidate,) = body["versions"]
+        assert (candidate["version"], candidate["mode"], candidate["predictions"]) == (2, "shadow", 40)
+        assert candidate["shadow_agreement"] == 36 / 40 and candidate["fallback_rate"] == 0.0
+        assert candidate["class_jsd"] is None, "the tiny bundles carry no baseline"
+        assert {p["mode"] for p in body["series"]} == {"shadow"}
+        summary = server.admin("GET", f"/v1/models/{MODEL}/telemetry").json()
+        assert [v["version"] for v in summary["versions"]] == [1] and [v["version"] for v in summary["shadow"]] == [2]
+        assert summary["shadow"][0]["agreements"] == 36
