@@ -26,7 +26,7 @@ from typing import Any, Sequence
 from .config import SETTINGS, ServerConfig
 from .errors import BackendError, ConfigError, SyncServerError
 
-COMMANDS = ("serve", "publish", "predict", "prune", "demo", "path", "migrate", "enrollment-token", "check")
+COMMANDS = ("serve", "publish", "predict", "prune", "demo", "path", "migrate", "enrollment-token", "check", "rollout", "quality")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,6 +109,10 @@ def _parser() -> argparse.ArgumentParser:
     from .check import add_cli as add_check
 
     add_check(sub, settings)
+
+    from .rollout_cli import add_cli as add_rollout
+
+    add_rollout(sub, settings)
 
     migrate = sub.add_parser("migrate", parents=[settings], help="upgrade the database schema to the newest version")
     migrate.set_defaults(run=_migrate)

@@ -88,6 +88,10 @@ class SyncServerClient:
     def get(self, path: str) -> Any:
         return self._check(self._send("GET", path))
 
+    def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        """POST a JSON body to an admin route; errors raise as `get`'s do."""
+        return self._check(self._send("POST", path, json=body or {}))
+
     def close(self) -> None:
         self._http.close()
 
