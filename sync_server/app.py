@@ -56,7 +56,7 @@ def create_app(config: ServerConfig, *, predictor: Predictor | None = None) -> F
     _install_dashboard(app)
     services.metrics.add_state(ops.state_gauges(services))
     services.metrics.add_state(last_seen_metrics(services.devices))
-    services.metrics.add_state(drift_gauges(services.db))
+    services.metrics.add_state(drift_gauges(services.db, services.config.quality_gates.window_s))
     app.add_middleware(JsonBodyLimitMiddleware, limit=services.config.limits.max_json_bytes)
     if services.config.throttle.enabled:
         from .throttle import Throttle, ThrottleMiddleware
