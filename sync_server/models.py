@@ -5,11 +5,12 @@
             ├─ channels ── rollout_events           per-model channels: the version, the previous one,
             │                                       a staged rollout (candidate, percent, state)
             ├─ enrollment_tokens                    expiring, revocable credentials for enrolling devices
-            └─ devices ─┬─ device_status            the latest load / smoke-test / rollback report per version
-                        └─ telemetry                periodic counts, confidence histogram, latency; at most
-                                                    one row per (device, idempotency key)
-            └─ telemetry_hourly ─┬─ _confidence, _classes, _input, _devices   hourly rollups of telemetry
-               telemetry_devices    each device's first and latest hour per version, mode, channel
+            ├─ devices ─┬─ device_status            the latest load / smoke-test / rollback report per version
+            │           └─ telemetry                periodic counts, confidence histogram, latency; at most
+            │                                       one row per (device, idempotency key)
+            ├─ telemetry_hourly ── _confidence,     hourly rollups of telemetry per version, mode, channel;
+            │    _classes, _input, _devices         bins, classes, input channels and devices by index
+            └─ telemetry_devices                    each device's first and latest hour per version, mode, channel
     server_state                                    counters shared by all instances (assignment revision)
 """
 
