@@ -311,3 +311,28 @@ def test_the_vendored_chart_library_matches_its_record_and_ships_with_the_packag
     for path in [*(DASHBOARD / "static").iterdir(), *(DASHBOARD / "templates").iterdir()]:
         relative = path.relative_to(DASHBOARD).as_posix()
         assert any(fnmatch.fnmatch(relative, g) for g in globs), f"{relative} would be left out of the wheel"
+
+
+def test_a_gated_promote_shows_the_unmet_gates_and_can_be_forced_from_the_page(publisher, tmp_path):
+    with running_server(server_config(tmp_path / "data", None, publisher)) as server:
+        server.publish_ok(publisher, 1, 2)
+        server.set_channel(1)
+        response = server.admin("POST", f"/v1/models/{MODEL}/channels/stable/rollout",
+                                json={"version": 2, "percent": 20, "mode": "shadow"})
+        assert response.status_code == 200, response.text
+        assert login(server).status_code == 303
+        base = f"/dashboard/models/{MODEL}/channels/stable"
+        confirm = server.client.get(f"{base}/promote")
+        assert 'name="force"' in confirm.text, "a gated promote offers to skip the gates"
+        assert "v2 · shadow" in server.client.get(f"/dashboard/models/{MODEL}").text
+
+        refused = server.client.post(f"{base}/promote", data={"csrf": csrf_of(confirm.text)}, follow_redirects=False)
+        assert refused.status_code == 409
+        assert "gate_not_met" in refused.text and "quality gates are not met" in refused.text
+        assert channel(server)["rollout"]["version"] == 2, "a refused promote changes nothing"
+
+        forced = server.client.post(f"{base}/promote", data={"csrf": csrf_of(refused.text), "force": "true"}, follow_redirects=False)
+        assert forced.status_code == 303
+        view = channel(server)
+        assert view["version"] == 2 and view["rollout"] is None
+        assert view["history"][0]["reason"].startswith("forced past the quality gates")
