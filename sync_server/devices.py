@@ -393,7 +393,8 @@ class Devices:
         idempotency key) changes nothing, not even its time: after a paused rollout is resumed, only
         reports made since count, and an old failure the outbox sends again is not one of them.
         `details.rolled_back: true` marks a version the device loaded, then rolled back: it counts as
-        a failure of a rollout.
+        a failure of a rollout. `details.shadow` ({"version", "state"}) says what became of a shadow
+        rollout's candidate on the device: refusals and failures count against that rollout.
         """
         from .telemetry import check_idempotency_key
 
@@ -424,7 +425,12 @@ class Devices:
             row.report_key = key
             session.flush()
             channel = session.scalar(select(Device.channel).where(Device.id == device.id)) or device.channel
-            paused = self.rollouts.check_failures(session, model, channel, version)
+            shadow = (details or {}).get("shadow")
+            shadow_version = shadow.get("version") if isinstance(shadow, dict) else None
+            paused = self.rollouts.check_failures(
+                session, model, channel, version,
+                shadow_version=shadow_version if isinstance(shadow_version, int) and not isinstance(shadow_version, bool) else None,
+            )
         if paused:
             self.on_change(device.model)
         return {"recorded": True, "duplicate": False, "rollout_paused": paused}

@@ -355,19 +355,39 @@ class Rollouts:
 
         return self._change(model, channel, change)
 
-    def check_failures(self, session: Session, model: Model, channel_name: str, version: int) -> str | None:
+    def check_failures(
+        self, session: Session, model: Model, channel_name: str, version: int, *, shadow_version: int | None = None
+    ) -> str | None:
         """Pause the rollout of `version` on the channel if too many devices report failures or rollbacks.
 
-        Runs inside the caller's write transaction (a status report); returns the pause reason, if any.
+        A shadow rollout counts the status reports that say what became of its candidate
+        (`details.shadow` = {"version": `shadow_version`, "state": running | declined | refused | failed},
+        sent about the version the device serves): refused (did not verify, load or pass its smoke test,
+        or crashed) and failed (errors on photos) are failures; declined (the device's resource policy
+        said no) is no report. Runs inside the caller's write transaction (a status report); returns the
+        pause reason, if any.
         """
         row = session.scalar(
             select(Channel).where(Channel.model_id == model.id, Channel.name == channel_name).with_for_update()
         )
-        if row is None or row.rollout_state != ACTIVE or row.rollout_version != version or rollout_mode(row) != CANARY:
+        if row is None or row.rollout_state != ACTIVE:
             return None
-        failed = or_(
-            DeviceStatus.load_ok.is_(False), DeviceStatus.smoke_test_ok.is_(False), DeviceStatus.rolled_back.is_(True)
-        )
+        mode = rollout_mode(row)
+        if mode == CANARY and row.rollout_version == version:
+            failed = or_(
+                DeviceStatus.load_ok.is_(False), DeviceStatus.smoke_test_ok.is_(False), DeviceStatus.rolled_back.is_(True)
+            )
+            about = DeviceStatus.version == version
+            what = f"failed to load, failed to smoke-test or rolled back version {version}"
+        elif mode == SHADOW and shadow_version is not None and row.rollout_version == shadow_version:
+            state = DeviceStatus.details[("shadow", "state")].as_string()
+            failed = state.in_(("refused", "failed"))
+            about = (DeviceStatus.details[("shadow", "version")].as_integer() == shadow_version) & state.in_(
+                ("running", "refused", "failed"))
+            what = f"refused version {shadow_version} in shadow or failed running it"
+            version = shadow_version
+        else:
+            return None
         query = (
             select(func.count(), func.coalesce(func.sum(case((failed, 1), else_=0)), 0))
             .select_from(DeviceStatus)
@@ -375,7 +395,7 @@ class Rollouts:
             .where(
                 Device.model_id == model.id,
                 Device.channel == channel_name,
-                DeviceStatus.version == version,
+                about,
                 DeviceStatus.reported_at >= row.rollout_started_at,
             )
         )
@@ -385,8 +405,8 @@ class Rollouts:
         if reports < max(1, minimum) or failures / reports <= threshold:
             return None
         reason = (
-            f"paused automatically: {failures} of {reports} devices failed to load, failed to smoke-test or rolled "
-            f"back version {version} ({failures / reports:.0%}, above the {threshold:.0%} threshold)"
+            f"paused automatically: {failures} of {reports} devices {what} ({failures / reports:.0%}, above the "
+            f"{threshold:.0%} threshold)"
         )
         row.rollout_state = PAUSED
         row.rollout_reason = reason

@@ -324,3 +324,28 @@ def test_a_paused_shadow_leaves_the_devices_but_their_late_reports_still_count(d
         bad = server.admin("POST", BASE + "/rollout", json={"version": 2, "percent": 10, "mode": "shadow",
                                                             "gates": {"min_shadow_agreement": 1.5}})
         assert bad.status_code == 422 and "min_shadow_agreement" in bad.json()["error"]["message"]
+
+
+def test_a_shadow_that_devices_refuse_pauses_itself(db_url, publisher, releases, tmp_path):
+    with running_server(story_config(tmp_path, db_url, publisher)) as server:
+        publish_releases(server, releases, publisher)
+        devices = [server.enroll() for _ in range(4)]
+        ok(server, "POST", BASE + "/rollout", json={"version": 2, "percent": 100, "mode": "shadow",
+                                                   "failure_threshold": 0.5, "min_reports": 2})
+
+        def say(device: Device, state: str, **fields: Any) -> dict[str, Any]:
+            # What the agent does: a status report about the version it serves, saying what became of the shadow.
+            response = device.report_status(1, details={"shadow": {"version": 2, "state": state, **fields}})
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        assert say(devices[0], "declined", cause="model_size", reason="larger than the limit")["rollout_paused"] is None
+        assert say(devices[1], "running", sample_rate=0.1)["rollout_paused"] is None
+        assert say(devices[2], "refused", step="load", reason="bad flatbuffer")["rollout_paused"] is None, (
+            "1 of 2 (the declined device does not count): 50 % is not above the threshold")
+        reason = say(devices[3], "refused", step="smoke_test", reason="mug -> bottle")["rollout_paused"]
+        assert reason == ("paused automatically: 2 of 3 devices refused version 2 in shadow or failed running it (67%, "
+                          "above the 50% threshold)")
+        channel = ok(server, "GET", BASE)
+        assert (channel["rollout"]["state"], channel["history"][0]["action"]) == ("paused", "auto_pause")
+        assert all(d.assignment().json()["shadow"] is None for d in devices)
