@@ -17,8 +17,9 @@ machine's load falls on each alike:
   unsure   every photo asked to a loopback stand-in of the server's pixel route (answers at once): the
            case where the old path decoded twice
 
-Also timed alone: the input statistics of one photo's fitted pixels (`pixel_sums`) against
-`InputStats.add` at the bundle's size and at 224x224. The bundle is the demo's int8 model (`--bundle`),
+Also timed alone (steadier on a busy machine than whole requests): `TelemetryRecorder.record` before
+and now, and the input statistics of one photo's fitted pixels (`pixel_sums`) against
+`InputStats.add`, at the bundle's size and at 224x224. The bundle is the demo's int8 model (`--bundle`),
 else one built as bench_shadow.py builds it (cached in --work).
 """
 
@@ -103,6 +104,34 @@ def time_stats(size: tuple[int, int], repeat: int = 300) -> dict[str, float]:
             work()
         out[name] = round((time.perf_counter() - started) / repeat * 1e6, 1)
     return out
+
+
+def time_record(size: tuple[int, int], before: str, repeat: int = 2000) -> dict[str, float]:
+    """`TelemetryRecorder.record` alone, microseconds per call: before (6 fields) and now (with pixels)."""
+    from edge_runtime.agent.outbox import Outbox
+    from edge_runtime.agent.telemetry import TelemetryRecorder
+    from preprocessing import PreprocessSpec, preprocess_pixels
+
+    old_telemetry = sys.modules.get("edge_runtime.agent._before_telemetry") or old_module(
+        before, "edge_runtime/agent/telemetry.py", "telemetry")
+    pixels = preprocess_pixels(photos()[0], PreprocessSpec(height=size[0], width=size[1]))
+    with tempfile.TemporaryDirectory() as tmp:
+        recorders = {}
+        for label, cls in (("before", old_telemetry.TelemetryRecorder), ("now", TelemetryRecorder)):
+            (Path(tmp) / label).mkdir()
+            recorders[label] = cls(Outbox(Path(tmp) / label / "outbox.sqlite"), "/t", 3600)
+        calls = {
+            "before": lambda: recorders["before"].record(1, 0.42, 9.5, fallback=True),
+            "now": lambda: recorders["now"].record(1, 0.42, 9.5, fallback=True, label_index=3, low_confidence=True,
+                                                   server_disagrees=False, pixels=pixels),
+        }
+        spent = {label: 0.0 for label in calls}
+        for i in range(repeat):
+            for label in (("before", "now") if i % 2 else ("now", "before")):
+                started = time.perf_counter()
+                calls[label]()
+                spent[label] += time.perf_counter() - started
+    return {label: round(total / repeat * 1e6, 1) for label, total in spent.items()}
 
 
 def run(bundle: Path, public_key: Path, requests: int, rounds: int, before: str) -> dict[str, Any]:
@@ -195,7 +224,9 @@ def main() -> int:
               "requests_per_case": args.requests * args.rounds,
               "request_path": run(bundle, public, args.requests, args.rounds, args.before),
               "input_stats_us": {f"{spec.height}x{spec.width}": time_stats((spec.height, spec.width)),
-                                 "224x224": time_stats((224, 224))}}
+                                 "224x224": time_stats((224, 224))},
+              "record_us": {f"{spec.height}x{spec.width}": time_record((spec.height, spec.width), args.before),
+                            "224x224": time_record((224, 224), args.before)}}
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
