@@ -174,7 +174,7 @@ def test_a_pause_from_the_dashboard_takes_effect_and_resume_undoes_it(db_url, pu
             headers={"Origin": "http://testserver"}, follow_redirects=False,
         )
         assert done.status_code == 303
-        assert done.headers["location"] == f"/dashboard/models/{MODEL}?done=pause&channel=stable#channel-stable"
+        assert done.headers["location"] == f"/dashboard/models/{MODEL}?done=pause&on=stable#channel-stable"
         view = channel(server)
         assert view["rollout"]["state"] == "paused" and view["rollout"]["reason"] == "fallback rate doubled on kiosk-3"
         assert view["history"][0]["action"] == "pause"
@@ -295,6 +295,10 @@ def test_chart_data_has_one_dataset_per_version_from_the_devices_reports(publish
         for version, items in reports.items():
             expected = sum(f for _, f in items) / sum(p for p, _ in items)
             assert [v for v in fallback[f"v{version}"] if v is not None] == [pytest.approx(expected)]
+        on_stable = server.client.get(f"/dashboard/models/{MODEL}/series.json?hours=6&channel=stable").json()
+        assert on_stable["charts"]["fallback_rate"] == body["charts"]["fallback_rate"], "every device is on stable"
+        elsewhere = server.client.get(f"/dashboard/models/{MODEL}/series.json?hours=6&channel=canary").json()
+        assert all(not sets for sets in elsewhere["charts"].values()), "no device reported from canary"
         latency = {s["label"] for s in body["charts"]["latency_ms"]}
         assert latency == {"v1 p50", "v1 p99", "v2 p50", "v2 p99"}
         page = server.client.get(f"/dashboard/models/{MODEL}").text

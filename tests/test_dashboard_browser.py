@@ -104,7 +104,7 @@ def test_an_operator_logs_in_reads_the_charts_and_pauses_the_rollout_from_the_pa
             assert page.inner_text("h1") == f"Pause the rollout on {CHANNEL}?"
             page.fill("#reason", "low-confidence answers doubled on v2")
             page.click("#confirm-button")
-            page.wait_for_url(f"{url}/dashboard/models/{MODEL}?done=pause&channel={CHANNEL}#channel-{CHANNEL}")
+            page.wait_for_url(f"{url}/dashboard/models/{MODEL}?done=pause&on={CHANNEL}#channel-{CHANNEL}")
             assert "Paused the rollout on stable" in page.inner_text("#flash")
             assert page.inner_text(f"#channel-{CHANNEL} .rollout-state") == "paused"
             assert page.inner_text(f"#channel-{CHANNEL} .pause-reason") == "low-confidence answers doubled on v2"

@@ -188,7 +188,7 @@ def login(request: Request, token: str = Form("", max_length=500), next: str = F
     if not dashboard.signer.admin_token_matches(token.strip()):
         log.warning("dashboard login refused", extra={"client": client})
         return _page(request, "login.html", 401, next=_safe_next(next),
-                     error="That is not the admin token of this server (`sync-server path` prints where it is kept).")
+                     error="That is not the admin token of this server (sync-server path prints where it is kept).")
     session, cookie = dashboard.signer.new_session()
     response = _redirect(_safe_next(next))
     response.set_cookie(
@@ -224,7 +224,10 @@ def overview(request: Request) -> Response:
 
 @router.get("/models/{name}")
 def model_page(request: Request, name: ModelName, done: str | None = Query(None, max_length=20),
-               channel: str | None = Query(None, max_length=64), hours: float = Query(24, gt=0, le=24 * 90)) -> Response:
+               on: str | None = Query(None, max_length=64), channel: str | None = Query(None, max_length=64),
+               hours: float = Query(24, gt=0, le=24 * 90)) -> Response:
+    """The model's page; `channel` and `hours` choose the figures and charts, `done` and `on` the message
+    after an action."""
     session = _session(request)
     if session is None:
         return _to_login(request)
@@ -234,8 +237,8 @@ def model_page(request: Request, name: ModelName, done: str | None = Query(None,
         return _page(request, "error.html", exc.status, session=session, title="Not found", message=exc.message)
     channels = [c["channel"] for c in page["channels"]]
     flash = None
-    if done in ACTIONS and channel in channels:
-        flash = ACTIONS[done]["done"].format(channel=channel)
+    if done in ACTIONS and on in channels:
+        flash = ACTIONS[done]["done"].format(channel=on)
     chart_channel = channel if channel in channels else None
     series_url = f"{PREFIX}/models/{quote(name, safe='')}/series.json?hours={hours:g}"
     if chart_channel:
@@ -315,4 +318,4 @@ def act(request: Request, name: ModelName, channel: ChannelName, action: str, cs
     except SyncServerError as exc:
         return _confirm(request, session, name, channel, action, status=exc.status, error=exc, reason=reason)
     log.info("dashboard action", extra={"model": name, "channel": channel, "action": action})
-    return _redirect(f"{PREFIX}/models/{quote(name, safe='')}?done={action}&channel={quote(channel, safe='')}#channel-{quote(channel, safe='')}")
+    return _redirect(f"{PREFIX}/models/{quote(name, safe='')}?done={action}&on={quote(channel, safe='')}#channel-{quote(channel, safe='')}")
