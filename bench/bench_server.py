@@ -390,6 +390,10 @@ def warm_up(url: str, device: dict[str, str], photos: list[bytes], timeout_s: fl
             raise RuntimeError("the model did not warm up in time")
         started = time.perf_counter()
         response = httpx.post(f"{url}/v1/models/bench/predict", content=photos[fast % len(photos)], headers=headers, timeout=120)
+        if response.status_code == 503:  # still loading past the request's deadline (a busy machine): ask again
+            fast = 0
+            time.sleep(0.5)
+            continue
         response.raise_for_status()
         fast = fast + 1 if time.perf_counter() - started < 0.25 else 0
 
