@@ -160,7 +160,7 @@ def format_baseline(baseline: "Baseline", labels: tuple[str, ...]) -> str:
     spread = ", ".join(f"{m:.1f}±{s:.1f}" for m, s in zip(baseline.input.mean, baseline.input.std))
     predicted = sum(1 for c in baseline.class_counts if c)
     return (
-        f"baseline (signed, for drift): {baseline.images} photos, {baseline.low_confidence_rate:.0%} below "
+        f"baseline for drift (in the manifest): {baseline.images} photos, {baseline.low_confidence_rate:.0%} below "
         f"confidence {baseline.confidence_threshold:.2f}; {predicted} of {len(baseline.class_counts)} labels "
         f"predicted, largest {largest}; input mean±std per channel {spread}"
     )
