@@ -167,7 +167,7 @@ class Rollups:
         device, code = pairs % 10**5, pairs // 10**5
         group, hour = code // 10**11, code % 10**11
         for g, h, d in zip(group.tolist(), hour.tolist(), device.tolist()):
-            out["telemetry_hourly_devices"].append((model_id, g // 2, "serving", CHANNELS[g % 2], h, fleet.device_id(d)))
+            out["telemetry_hourly_devices"].append((model_id, h, g // 2, "serving", CHANNELS[g % 2], fleet.device_id(d)))
         span: dict[tuple[int, int], list[int]] = {}
         for g, h, d in zip(group.tolist(), hour.tolist(), device.tolist()):
             first_last = span.setdefault((g, d), [h, h])
@@ -187,7 +187,7 @@ TABLE_COLUMNS = {
     "telemetry_hourly_confidence": (*_KEY, "bin", "n"),
     "telemetry_hourly_classes": (*_KEY, "class_index", "n"),
     "telemetry_hourly_input": (*_KEY, "channel_index", "pixels", "pixel_sum", "pixel_sum_sq"),
-    "telemetry_hourly_devices": (*_KEY, "device_id"),
+    "telemetry_hourly_devices": ("model_id", "hour", "version", "mode", "channel", "device_id"),
     "telemetry_devices": ("model_id", "version", "mode", "channel", "device_id", "first_hour", "last_hour"),
 }
 
@@ -246,9 +246,12 @@ def load(db: Database, fleet: Fleet) -> dict[str, Any]:
     for table, rows in rollups.tables(1, fleet).items():
         bulk_insert(db, table, TABLE_COLUMNS[table], rows)
         counts[table] = len(rows)
-    with db.engine.connect() as connection:
-        connection.execute(text("ANALYZE"))
-        connection.commit()
+    with db.engine.connect() as connection:  # what autovacuum would have done by now (index-only scans)
+        if db.dialect == "postgresql":
+            connection.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE"))
+        else:
+            connection.execute(text("ANALYZE"))
+            connection.commit()
     return {"raw_rows": fleet.rows, "rollup_rows": counts, "load_s": round(time.perf_counter() - started, 1), "raw_load_s": round(raw_s, 1)}
 
 

@@ -326,16 +326,17 @@ class TelemetryHourlyInput(Base):
 
 
 class TelemetryHourlyDevice(Base):
-    """A device that reported in that hour (insert-or-ignore): devices per hour."""
+    """A device that reported in that hour (insert-or-ignore): devices per hour. The hour comes second in
+    the key (a row per device and hour: the big rollup), so a window reads one covering range of it."""
 
     __tablename__ = "telemetry_hourly_devices"
     __table_args__ = (Index("ix_telemetry_hourly_devices_hour", "hour"),)
 
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    hour: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     version: Mapped[int] = mapped_column(Integer, primary_key=True)
     mode: Mapped[str] = mapped_column(String(16), primary_key=True)
     channel: Mapped[str] = mapped_column(String(64), primary_key=True)
-    hour: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     device_id: Mapped[str] = mapped_column(String(40), primary_key=True)
 
 

@@ -81,7 +81,15 @@ def upgrade() -> None:
             sa.Column("pixel_sum_sq", sa.Float(), nullable=False, server_default="0"),
         ),
     )
-    op.create_table("telemetry_hourly_devices", *_key(sa.Column("device_id", sa.String(40), primary_key=True)))
+    op.create_table(  # the hour second in the key: a window is one covering range of the biggest rollup
+        "telemetry_hourly_devices",
+        sa.Column("model_id", sa.Integer(), sa.ForeignKey("models.id", ondelete="CASCADE"), primary_key=True),
+        sa.Column("hour", sa.BigInteger(), primary_key=True),
+        sa.Column("version", sa.Integer(), primary_key=True),
+        sa.Column("mode", sa.String(16), primary_key=True),
+        sa.Column("channel", sa.String(64), primary_key=True),
+        sa.Column("device_id", sa.String(40), primary_key=True),
+    )
     for table in _ROLLUP_TABLES:
         op.create_index(f"ix_{table}_hour", table, ["hour"])
     op.create_table(
