@@ -173,8 +173,6 @@ def test_a_promotion_from_shadow_uses_the_files_already_verified_and_downloads_n
         assert status == 200 and body["model"]["version"] == 2
 
 
-@pytest.mark.xfail(strict=True, reason="sync_server/api/artifacts.py lets a device download only the files of its served "
-                   "version, not of its shadow version (404 unknown_artifact); with that one check widened this story passes")
 def test_a_shadow_rollout_on_a_real_sync_server_reaches_the_kiosk_and_its_agreement_reaches_the_quality_figures(
         bundles, publisher, tmp_path):  # noqa: F811
     with sync_server_process(tmp_path / "server", [publisher.public_key]) as server:

@@ -39,12 +39,14 @@ def download(
     who: auth.Caller = Depends(auth.caller),
     state: Services = Depends(auth.services),
 ) -> Response:
-    """Download a bundle file. Devices may fetch only files of the version assigned to them: any other
-    hash, known or not, gets the same 404, so a device cannot learn which files exist."""
+    """Download a bundle file. Devices may fetch only files of the versions assigned to them (the one
+    to serve and a shadow rollout's candidate): any other hash, known or not, gets the same 404, so a
+    device cannot learn which files exist."""
     if who.device is not None:
         assigned = state.devices.cached_assignment(who.device) or state.devices.assignment(who.device)
         owners = state.registry.versions_with_artifact(sha256) if _HEX64.match(sha256) else []
-        if (who.device.model, assigned.version) not in owners:
+        allowed = {(who.device.model, v) for v in (assigned.version, assigned.shadow) if v is not None}
+        if not allowed.intersection(owners):
             raise NotFoundError(
                 f"no artifact {sha256[:64]!r} among the files of the version assigned to device {who.device.id}",
                 code="unknown_artifact",
