@@ -340,3 +340,31 @@ def test_a_gated_promote_shows_the_unmet_gates_and_can_be_forced_from_the_page(p
         view = channel(server)
         assert view["version"] == 2 and view["rollout"] is None
         assert view["history"][0]["reason"].startswith("forced past the quality gates")
+
+
+def test_a_shadow_rollout_moves_to_canary_from_the_page_gated_then_forced_and_its_percent_changes(publisher, tmp_path):
+    with running_server(server_config(tmp_path / "data", None, publisher)) as server:
+        server.publish_ok(publisher, 1, 2)
+        server.set_channel(1)
+        response = server.admin("POST", f"/v1/models/{MODEL}/channels/stable/rollout",
+                                json={"version": 2, "percent": 20, "mode": "shadow"})
+        assert response.status_code == 200, response.text
+        assert login(server).status_code == 303
+        url = f"/dashboard/models/{MODEL}/channels/stable/stage"
+        confirm = server.client.get(url)
+        assert "becomes a canary" in confirm.text and 'name="percent"' in confirm.text and 'name="force"' in confirm.text
+        csrf = csrf_of(confirm.text)
+
+        refused = server.client.post(url, data={"csrf": csrf, "percent": "25"}, follow_redirects=False)
+        assert refused.status_code == 409 and "gate_not_met" in refused.text
+        assert channel(server)["rollout"]["mode"] == "shadow"
+        bad = server.client.post(url, data={"csrf": csrf, "percent": "lots"}, follow_redirects=False)
+        assert bad.status_code == 400 and "must be a number" in bad.text
+
+        forced = server.client.post(url, data={"csrf": csrf, "percent": "25", "force": "true"}, follow_redirects=False)
+        assert forced.status_code == 303
+        rollout = channel(server)["rollout"]
+        assert (rollout["mode"], rollout["percent"], rollout["version"]) == ("canary", 25, 2)
+
+        assert server.client.post(url, data={"csrf": csrf, "percent": "60"}, follow_redirects=False).status_code == 303
+        assert channel(server)["rollout"]["percent"] == 60

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 from fastapi import APIRouter, Form, Query, Request
@@ -14,7 +13,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from ..api.schemas import ChannelName, ModelName
-from ..errors import SyncServerError
+from ..errors import BadRequestError, ConflictError, SyncServerError
 from ..services import Services
 from ..throttle import TokenBuckets, retry_after
 from . import _views
@@ -37,6 +36,7 @@ ACTIONS: dict[str, dict[str, str]] = {
     "pause": {"verb": "Pause", "done": "Paused the rollout on {channel}: its devices go back to the channel's version."},
     "resume": {"verb": "Resume", "done": "Resumed the rollout on {channel}."},
     "rollback": {"verb": "Roll back", "done": "Rolled back {channel}."},
+    "stage": {"verb": "Set the percentage", "done": "The rollout on {channel} is a canary at its new percentage."},
 }
 
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
@@ -262,29 +262,37 @@ def series(request: Request, name: ModelName, channel: str | None = Query(None, 
 # --- actions ------------------------------------------------------------------------------------------
 
 
-def _action(services: Services, action: str) -> Callable[..., dict[str, Any]]:
-    return {
-        "promote": services.rollouts.promote,
-        "pause": services.rollouts.pause,
-        "resume": services.rollouts.resume,
-        "rollback": services.rollouts.rollback,
-    }[action]
-
-
-def _takes_force(method: Callable[..., Any]) -> bool:
-    return "force" in inspect.signature(method).parameters
+def _run(services: Services, name: str, channel: str, action: str, *, reason: str, force: bool, percent: float | None) -> None:
+    """Carry out `action` with the `Rollouts` method the admin API uses for it."""
+    rollouts = services.rollouts
+    if action == "promote":
+        rollouts.promote(name, channel, force=force)
+    elif action == "pause":
+        rollouts.pause(name, channel, reason.strip() or None)
+    elif action == "resume":
+        rollouts.resume(name, channel)
+    elif action == "rollback":
+        rollouts.rollback(name, channel)
+    elif action == "stage":
+        rollout = rollouts.get(name, channel)["rollout"]
+        if rollout is None:
+            raise ConflictError(f"channel {channel!r} has no rollout in progress", code="no_rollout")
+        if percent is None:
+            raise BadRequestError("give the percentage of the channel's devices that get the candidate", code="bad_percent")
+        rollouts.start(name, channel, rollout["version"], percent, mode="canary", force=force)
 
 
 def _confirm(request: Request, session: Session, name: str, channel: str, action: str, status: int = 200,
-             error: SyncServerError | None = None, reason: str = "") -> Response:
-    services = _services(request)
+             error: SyncServerError | None = None, reason: str = "", percent: float | None = None) -> Response:
     try:
-        view = services.rollouts.get(name, channel)
+        view = _services(request).rollouts.get(name, channel)
     except SyncServerError as exc:
         return _page(request, "error.html", exc.status, session=session, title="Not found", message=exc.message)
+    rollout = view["rollout"] or {}
     return _page(
         request, "confirm.html", status, session=session, model=name, channel=view, action=action, verb=ACTIONS[action]["verb"],
-        error=error, reason=reason, can_force=action == "promote" and _takes_force(_action(services, "promote")),
+        error=error, reason=reason, percent=percent or (rollout.get("percent") if rollout.get("mode") != "shadow" else None),
+        can_force=action == "promote" or (action == "stage" and rollout.get("mode") == "shadow"),
     )
 
 
@@ -300,22 +308,21 @@ def confirm(request: Request, name: ModelName, channel: ChannelName, action: str
 
 @router.post("/models/{name}/channels/{channel}/{action}")
 def act(request: Request, name: ModelName, channel: ChannelName, action: str, csrf: str | None = Form(None, max_length=200),
-        reason: str = Form("", max_length=500), force: bool = Form(False)) -> Response:
+        reason: str = Form("", max_length=500), force: bool = Form(False), percent: str = Form("", max_length=20)) -> Response:
     session, refused = _checked_post(request, csrf)
     if refused is not None:
         return refused
     assert session is not None
     if action not in ACTIONS:
         return _page(request, "error.html", 404, session=session, title="Not found", message=f"There is no action {action!r}.")
-    method = _action(_services(request), action)
+    share: float | None = None
     try:
-        if action == "pause":
-            method(name, channel, reason.strip() or None)
-        elif action == "promote" and force and _takes_force(method):
-            method(name, channel, force=True)
-        else:
-            method(name, channel)
+        try:
+            share = float(percent) if percent.strip() else None
+        except ValueError:
+            raise BadRequestError(f"the percentage must be a number, got {percent!r}", code="bad_percent") from None
+        _run(_services(request), name, channel, action, reason=reason, force=force, percent=share)
     except SyncServerError as exc:
-        return _confirm(request, session, name, channel, action, status=exc.status, error=exc, reason=reason)
+        return _confirm(request, session, name, channel, action, status=exc.status, error=exc, reason=reason, percent=share)
     log.info("dashboard action", extra={"model": name, "channel": channel, "action": action})
     return _redirect(f"{PREFIX}/models/{quote(name, safe='')}?done={action}&on={quote(channel, safe='')}#channel-{quote(channel, safe='')}")
