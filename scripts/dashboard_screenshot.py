@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "dashboard.png", help="PNG to write (default docs/dashboard.png)")
     parser.add_argument("--chromium", type=Path, default=Path(os.environ.get("CHROMIUM", "/usr/bin/chromium")))
     parser.add_argument("--width", type=int, default=1360)
-    parser.add_argument("--height", type=int, default=1455, help="height of the saved part of the page, in CSS pixels")
+    parser.add_argument("--height", type=int, default=1500, help="height of the saved part of the page, in CSS pixels")
     args = parser.parse_args(argv)
     if not args.chromium.is_file():
         print(f"dashboard_screenshot: no Chromium at {args.chromium} (apt-get install chromium, or --chromium PATH)", file=sys.stderr)
