@@ -312,9 +312,9 @@ def test_shadow_samples_are_their_own_period_and_survive_a_kill(tmp_path):
     recorder.record(2, 0.8, 3.0, label_index=1, pixels=pixels)
     recorder.record_shadow(2, 1, label_index=1, score=0.7, agrees=True, latency_ms=9.0, threshold=0.6)
     recorder.checkpoint()
-    recorder.record_shadow(2, 1, label_index=0, score=0.4, agrees=False, latency_ms=11.0, threshold=0.6)
-    recorder.record_shadow(2, 1, label_index=None, score=None, agrees=False, latency_ms=2.0, error=True)
-    outbox.close()  # killed: the last three are only in the journal
+    recorder.record_shadow(2, 1, label_index=0, score=0.4, agrees=False, latency_ms=11.0, threshold=0.6, pixels=pixels)
+    recorder.record_shadow(2, 1, label_index=None, score=None, agrees=False, latency_ms=2.0, error=True)  # a line without sums
+    outbox.close()  # killed: the last two are only in the journal
 
     outbox = Outbox(path)
     recorder = TelemetryRecorder(outbox, "/v1/devices/d/telemetry", period_s=3600)
@@ -325,7 +325,9 @@ def test_shadow_samples_are_their_own_period_and_survive_a_kill(tmp_path):
     assert "shadow_of" not in serving and "agreements" not in serving
     assert (shadow["version"], shadow["shadow_of"], shadow["predictions"], shadow["errors"]) == (2, 1, 2, 1)
     assert (shadow["agreements"], shadow["low_confidence"], shadow["class_counts"]) == (1, 1, [1, 1])
-    assert shadow["fallbacks"] == 0 and "input_stats" not in shadow
+    expected = InputStats()
+    expected.add(pixels)  # the one sample that carried its pixels: the candidate's input shift is measured in shadow too
+    assert shadow["fallbacks"] == 0 and shadow["input_stats"] == expected.to_report()
     assert shadow["latency_ms"]["mean"] == 10.0
     outbox.close()
 

@@ -212,7 +212,8 @@ class ShadowRunner:
             self.counts["run"] += 1
             self.counts["agreements"] += int(agrees)
             self.record_shadow(candidate.version, photo.ref.version, label_index=self._index.get(top.label),
-                               score=float(top.score), agrees=agrees, latency_ms=ms, threshold=candidate.threshold)
+                               score=float(top.score), agrees=agrees, latency_ms=ms, threshold=candidate.threshold,
+                               pixels=photo.pixels)
 
     def _same_geometry(self, photo: "ClassifiedPhoto", spec: Any) -> bool:
         if photo.pixels is None:

@@ -247,24 +247,28 @@ class TelemetryRecorder:
             self._write(line)
 
     def record_shadow(self, version: int, shadow_of: int, *, label_index: int | None, score: float | None, agrees: bool,
-                      latency_ms: float, error: bool = False, threshold: float | None = None) -> None:
+                      latency_ms: float, error: bool = False, threshold: float | None = None,
+                      pixels: np.ndarray | None = None) -> None:
         """Count one shadow sample: candidate `version` ran a photo the serving version `shadow_of` answered.
 
         Kept apart from `version`'s serving period and reported with mode "shadow". `agrees`: the
         candidate's top-1 label was the serving version's; `latency_ms`: the candidate's own inference
         time (off the request path); `error`: the candidate failed on it. With `threshold`, a score
-        below it counts as low confidence.
+        below it counts as low confidence. `pixels`: the fitted pixels it ran (input stats, so the
+        candidate's input shift from its own baseline is measured in shadow too).
         """
         key: PeriodKey = (version, "shadow", shadow_of)
         low = threshold is not None and score is not None and score < threshold
+        sums = pixel_sums(pixels) if pixels is not None and not error else None
         at = time.time()
+        stats_text = "" if sums is None else f" {sums[0]} {','.join(map(str, sums[1]))} {','.join(map(str, sums[2]))}"
         line = (f"S {at:.3f} {version} {shadow_of} {'-' if label_index is None else label_index} "
-                f"{'-' if score is None else f'{score:.6f}'} {int(agrees)} {latency_ms:.3f} {int(error)} {int(low)}\n")
+                f"{'-' if score is None else f'{score:.6f}'} {int(agrees)} {latency_ms:.3f} {int(error)} {int(low)}{stats_text}\n")
         with self._lock:
             stats = self._open.get(key)
             if stats is None:
                 stats = self._open[key] = PeriodStats(started=at, shadow_of=shadow_of)
-            stats.add(score, latency_ms, False, error, label_index=label_index, low_confidence=low, agrees=agrees)
+            stats.add(score, latency_ms, False, error, label_index=label_index, low_confidence=low, agrees=agrees, sums=sums)
             self._dirty.add(key)
             self._write(line)
 
@@ -378,8 +382,13 @@ class TelemetryRecorder:
         self._dirty.add(version)
 
     def _replay_shadow(self, parts: list[str]) -> None:
-        if len(parts) != 10:
+        if len(parts) not in (10, 13):  # 10: without input sums (an older agent, or a failed sample)
             raise ValueError("not a shadow journal line")
+        sums = None
+        if len(parts) == 13:
+            sums = (int(parts[10]), [int(v) for v in parts[11].split(",")], [int(v) for v in parts[12].split(",")])
+            if len(sums[1]) != len(sums[2]):
+                raise ValueError("damaged input sums")
         at, version, shadow_of = float(parts[1]), int(parts[2]), int(parts[3])
         label_index = None if parts[4] == "-" else int(parts[4])
         score = None if parts[5] == "-" else float(parts[5])
@@ -388,5 +397,5 @@ class TelemetryRecorder:
         stats = self._open.get(key)
         if stats is None:
             stats = self._open[key] = PeriodStats(started=at, shadow_of=shadow_of)
-        stats.add(score, latency, False, error, label_index=label_index, low_confidence=low, agrees=agrees)
+        stats.add(score, latency, False, error, label_index=label_index, low_confidence=low, agrees=agrees, sums=sums)
         self._dirty.add(key)
