@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 DEFAULT_WORKDIR = Path("demo-output")
-STEPS = 6
+STEPS = 7
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-class", type=int, default=300, help="training photos per category (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the trainer's)")
     parser.add_argument("--retrain", action="store_true", help="train again even if a model is already there")
+    parser.add_argument("--serve", action="store_true",
+                        help="at the end, keep the sync server (and its dashboard) and the edge-agent running until Ctrl-C")
     args = parser.parse_args(argv)
     if args.per_class < 5:
         parser.error("--per-class must be at least 5")
@@ -56,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     _step(6, "over the air: enrol an edge-agent, publish version 2, keep classifying through the switch")
     from edge_runtime.agent.demo import run_agent_demo
 
-    return run_agent_demo(work, out=lambda line: print(line, flush=True))
+    return run_agent_demo(work, out=lambda line: print(line, flush=True), announce=lambda title: _step(7, title),
+                          keep_serving=args.serve)
 
 
 def _demo_data(work: Path, args: argparse.Namespace) -> Path:

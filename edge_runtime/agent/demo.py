@@ -28,12 +28,17 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
+#: Predictions a quality gate needs in the demo (the server's default, 200, suits a fleet, not one kiosk).
+DEMO_GATE_PREDICTIONS = 30
 #: (console script, module) of the commands the demo runs.
 _COMMANDS = {"sync-server": "sync_server", "edge-agent": "edge_runtime.agent"}
 
 
-def run_agent_demo(work: Path, *, seconds_after: float = 2.0, out: Callable[[str], None] = print) -> int:
-    """Run the demo in `work`; returns 0 when the agent switched with no failed request."""
+def run_agent_demo(work: Path, *, seconds_after: float = 2.0, out: Callable[[str], None] = print,
+                   announce: Callable[[str], None] | None = None, keep_serving: bool = False) -> int:
+    """Run the demo in `work`; returns 0 when the agent switched with no failed request and version 3
+    went from shadow to canary. `announce(title)` heads the shadow part; `keep_serving` leaves the
+    server (and its dashboard) and the agent running until Ctrl-C."""
     work = Path(work)
     bundle, model, keys = work / "bundle-int8", work / "model", work / "keys"
     photos = sorted(p for p in (work / "samples").glob("*.jpg") if _is_photo(p))
@@ -49,9 +54,8 @@ def run_agent_demo(work: Path, *, seconds_after: float = 2.0, out: Callable[[str
 
     port, agent_port = _free_port(), _free_port()
     url = f"http://127.0.0.1:{port}"
-    server_env = {
+    server_env = {  # no admin token given: the server generates one into DATA/admin-token, which the commands read
         "SYNC_SERVER_DATA_DIR": str(ota / "sync-server"),
-        "SYNC_SERVER_ADMIN_TOKEN": secrets.token_urlsafe(24),
         "SYNC_SERVER_ENROLLMENT_SECRET": secrets.token_urlsafe(24),
         "SYNC_SERVER_EMBEDDED_PRELOAD": "off",
         "SYNC_SERVER_LOG_LEVEL": "warning",
@@ -60,7 +64,8 @@ def run_agent_demo(work: Path, *, seconds_after: float = 2.0, out: Callable[[str
     device_env = {"EDGE_CLASSIFY_HOME": str(ota / "kiosk")}
     server = agent = None
     try:
-        server = _start(["sync-server", "serve", "--port", str(port), "--publisher-keys", keys / "publisher.pub"],
+        server = _start(["sync-server", "serve", "--port", str(port), "--publisher-keys", keys / "publisher.pub",
+                         "--gate-min-predictions", str(DEMO_GATE_PREDICTIONS)],
                         server_env, ota / "sync-server.log", out)
         _wait(lambda: _get(url + "/readyz") is not None, 60, "the sync server to start")
         publish = ["sync-server", "publish", None, "--saved-model", model, "--channel", "stable", "--server", url]
@@ -69,7 +74,8 @@ def run_agent_demo(work: Path, *, seconds_after: float = 2.0, out: Callable[[str
         if _run(["edge-agent", "enroll", "--server", url, "--secret", secret, "--model", name, "--name", "demo-kiosk",
                  "--public-key", keys / "publisher.pub"], device_env, out, hide=secret) != 0:
             return 2
-        agent = _start(["edge-agent", "run", "--port", str(agent_port), "--poll-interval", "5"], device_env, ota / "edge-agent.log", out)
+        agent = _start(["edge-agent", "run", "--port", str(agent_port), "--poll-interval", "5", "--telemetry-period", "2"],
+                       device_env, ota / "edge-agent.log", out)
         local = f"http://127.0.0.1:{agent_port}"
         _wait(lambda: (_get(local + "/healthz") or {}).get("status") == "ok", 60, "the agent to serve version 1")
 
@@ -95,7 +101,19 @@ def run_agent_demo(work: Path, *, seconds_after: float = 2.0, out: Callable[[str
         out(f"    {len(answers)} photos classified during the update, {len(failed)} failed; version 2 answered "
             f"{first_v2 - published:.1f} s after the publish command started; slowest answer {slowest:.0f} ms")
         _run(["edge-agent", "status"], device_env, out)
-        return 0 if not failed else 1
+        if failed:
+            return 1
+        if announce is not None:
+            announce("shadow, then canary: version 3 runs beside version 2 on the kiosk before it serves anyone")
+        status = _shadow_then_canary(url, local, name, bundle, model, keys, ota, photos, server_env, out)
+        if status == 0 and keep_serving:
+            out("    the server and the agent keep running; Ctrl-C stops them")
+            try:
+                while server.poll() is None:
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                pass
+        return status
     finally:
         for process in (agent, server):
             if process is not None and process.poll() is None:
@@ -106,11 +124,56 @@ def run_agent_demo(work: Path, *, seconds_after: float = 2.0, out: Callable[[str
                     process.kill()
 
 
-def _second_version(bundle: Path, private_key: Path, target: Path) -> Path:
+def _shadow_then_canary(url: str, local: str, name: str, bundle: Path, model: Path, keys: Path, ota: Path,
+                        photos: list[Path], server_env: dict[str, str], out: Callable[[str], None]) -> int:
+    """Publish version 3 without a channel, run it in shadow on the kiosk while the app classifies,
+    move it to canary once its shadow figures pass the gates, and show the figures and the dashboard."""
+    third = _second_version(bundle, keys / "publisher", ota / "bundle-int8-v3", version=3)
+    server = ["--server", url]
+    if _run(["sync-server", "publish", third, "--saved-model", model, *server], server_env, out) != 0:
+        return 2
+    if _run(["sync-server", "rollout", "start", name, "3", "--percent", "100", "--mode", "shadow", "--sample-rate", "1",
+             *server], server_env, out) != 0:
+        return 2
+    token = (ota / "sync-server" / "admin-token").read_text().strip()
+    out(f"    the app keeps classifying; the kiosk answers with version 2 and runs version 3 on each photo off the request "
+        f"path, until {DEMO_GATE_PREDICTIONS} shadow answers have reached the server")
+    answers: list[tuple[float, int, dict]] = []
+    stop = threading.Event()
+    client = threading.Thread(target=_keep_classifying, args=(local, photos, answers, stop), daemon=True)
+    client.start()
+    try:
+        _wait(lambda: _shadow_predictions(url, name, token) >= DEMO_GATE_PREDICTIONS, 120, "shadow reports of version 3")
+    finally:
+        stop.set()
+        client.join(10)
+    served = {(body.get("model") or {}).get("version") for _, status, body in answers if status == 200}
+    failed = [a for a in answers if a[1] != 200]
+    out(f"    {len(answers)} photos classified meanwhile, {len(failed)} failed, answered by version "
+        f"{', '.join(str(v) for v in sorted(served)) or '-'}")
+    _run(["sync-server", "rollout", "gates", name, *server], server_env, out)
+    if _run(["sync-server", "rollout", "start", name, "3", "--percent", "20", *server], server_env, out) != 0:
+        return 1
+    _run(["sync-server", "quality", name, *server], server_env, out)
+    out(f"    the fleet dashboard: {url}/dashboard (log in with the admin token in {ota / 'sync-server' / 'admin-token'})")
+    return 0 if not failed else 1
+
+
+def _shadow_predictions(url: str, name: str, token: str) -> int:
+    request = urllib.request.Request(f"{url}/v1/models/{name}/quality?mode=shadow", headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            answer = json.loads(response.read())
+    except (OSError, ValueError):
+        return 0
+    return sum(v.get("predictions") or 0 for v in answer.get("versions") or [] if v.get("version") == 3)
+
+
+def _second_version(bundle: Path, private_key: Path, target: Path, *, version: int | None = None) -> Path:
     from converter import read_bundle, write_bundle
 
     first = read_bundle(bundle, None, require_signature=False)
-    manifest = dataclasses.replace(first.manifest, version=first.manifest.version + 1)
+    manifest = dataclasses.replace(first.manifest, version=version or first.manifest.version + 1)
     return write_bundle(target, first.read_model(), manifest, sign_key=private_key, overwrite=True)
 
 
@@ -216,8 +279,9 @@ def _is_photo(path: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edge_runtime.agent.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("demo-output"), help="what edge-demo made (default: %(default)s)")
+    parser.add_argument("--serve", action="store_true", help="keep the server, its dashboard and the agent running at the end")
     args = parser.parse_args(argv)
-    return run_agent_demo(args.workdir)
+    return run_agent_demo(args.workdir, keep_serving=args.serve)
 
 
 if __name__ == "__main__":
