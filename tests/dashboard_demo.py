@@ -34,11 +34,13 @@ BASE_STD = (60.0, 58.0, 61.0)
 
 @dataclass(frozen=True)
 class DemoFleet:
-    """What `seed` made: device ids per version they run."""
+    """What `seed` made: device ids per version they run, and every device's token."""
 
     on_v1: tuple[str, ...]
     on_v2: tuple[str, ...]
     lost: str | None
+    tokens: dict[str, str]
+    labels: int
 
 
 def baseline_bundles(source: Path, public_key: Path, private_key: Path, root: Path) -> dict[int, Path]:
@@ -64,7 +66,7 @@ def baseline_bundles(source: Path, public_key: Path, private_key: Path, root: Pa
     return out
 
 
-def _report(version: int, rng: random.Random, labels: int, drift: float) -> dict[str, Any]:
+def report(version: int, rng: random.Random, labels: int, drift: float) -> dict[str, Any]:
     """One device's hourly report: `drift` 0 is the baseline's world, 1 a clearly shifted one."""
     predictions = rng.randint(250, 350)
     low = round(predictions * (0.07 + 0.13 * drift + rng.uniform(-0.01, 0.01)))
@@ -98,8 +100,9 @@ def _report(version: int, rng: random.Random, labels: int, drift: float) -> dict
 
 def seed(config: ServerConfig, bundles: dict[int, Path], saved_model: Path, *, devices: int = 10, percent: float = 40,
          hours: int = 8, drift_from_h: int = 4, pause_reason: str | None = None, lost_device: bool = False,
-         seed_: int = 0) -> DemoFleet:
-    """Publish, stage the rollout, enrol `devices` devices and record `hours` hours of their telemetry."""
+         gates: dict[str, Any] | None = None, seed_: int = 0) -> DemoFleet:
+    """Publish, stage the rollout, enrol `devices` devices and record `hours` hours of their telemetry
+    (all before the rollout's start: its quality gates, with `gates`, judge only reports after it)."""
     from sync_server import telemetry
 
     rng = random.Random(seed_)
@@ -109,11 +112,12 @@ def seed(config: ServerConfig, bundles: dict[int, Path], saved_model: Path, *, d
         for version in (1, 2):
             services.registry.publish(bundles[version], saved_model)
         services.rollouts.set_version(MODEL, CHANNEL, 1)
-        services.rollouts.start(MODEL, CHANNEL, 2, percent / 2)
-        services.rollouts.start(MODEL, CHANNEL, 2, percent)
+        services.rollouts.start(MODEL, CHANNEL, 2, percent / 2, gates=gates)
+        services.rollouts.start(MODEL, CHANNEL, 2, percent, gates=gates)
         labels = len(services.registry.get_version(MODEL, 1, with_manifest=False)["labels"])
         fleet: dict[int, list[str]] = {1: [], 2: []}
         ids: list[str] = []
+        tokens: dict[str, str] = {}
         number = 0
         while len(ids) < devices or not fleet[1] or not fleet[2]:  # a rollout of 1..99 % has devices on both sides
             number += 1
@@ -125,14 +129,15 @@ def seed(config: ServerConfig, bundles: dict[int, Path], saved_model: Path, *, d
             services.devices.record_status(identity, version, running=True, load_ok=True, smoke_test_ok=True, message=None, details=None)
             fleet[version].append(device_id)
             ids.append(device_id)
+            tokens[device_id] = enrolled["token"]
         now = datetime.now(timezone.utc)
         for hour in range(hours, 0, -1):
             drift = 0.0 if hour > drift_from_h else (drift_from_h - hour + 1) / drift_from_h
             at = now - timedelta(hours=hour - 1, minutes=rng.uniform(1, 20))
             for version, members in fleet.items():
                 for device_id in members:
-                    report = _report(version, rng, labels, drift if version == 2 else 0.0)
-                    telemetry.record(services.db, device_id, MODEL, report, received_at=at)
+                    report_ = report(version, rng, labels, drift if version == 2 else 0.0)
+                    telemetry.record(services.db, device_id, MODEL, report_, received_at=at)
         lost = None
         if lost_device:
             lost = fleet[1][-1]
@@ -140,9 +145,9 @@ def seed(config: ServerConfig, bundles: dict[int, Path], saved_model: Path, *, d
                 session.execute(update(Device).where(Device.id == lost).values(last_seen_at=now - timedelta(hours=2, minutes=10)))
         if pause_reason:
             services.rollouts.pause(MODEL, CHANNEL, pause_reason)
-        return DemoFleet(tuple(fleet[1]), tuple(fleet[2]), lost)
+        return DemoFleet(tuple(fleet[1]), tuple(fleet[2]), lost, tokens, labels)
     finally:
         services.close()
 
 
-__all__ = ["MODEL", "CHANNEL", "DemoFleet", "baseline_bundles", "seed"]
+__all__ = ["MODEL", "CHANNEL", "DemoFleet", "baseline_bundles", "report", "seed"]

@@ -8,14 +8,16 @@ skipping it.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 from pathlib import Path
 from typing import Any, Iterator
 
 import httpx
 import pytest
 
-from tests.dashboard_demo import CHANNEL, MODEL, baseline_bundles, seed
+from tests.dashboard_demo import CHANNEL, MODEL, DemoFleet, baseline_bundles, report, seed
 from tests.server_fixtures import ADMIN_TOKEN, ENROLLMENT_SECRET, publisher, serve_process, server_config  # noqa: F401
 
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
@@ -37,18 +39,33 @@ def chromium_or_skip() -> Any:
     return api
 
 
-@pytest.fixture
-def dashboard_server(publisher, tmp_path) -> Iterator[tuple[str, Any]]:  # noqa: F811
-    """(URL, playwright.sync_api): a sync-server process over a seeded demo fleet (v2 rolling out to
-    40 % of stable, drifting). Checks for the browser first: no server is started for a skip."""
-    api = chromium_or_skip()
+@contextlib.contextmanager
+def demo_server(publisher: Any, tmp_path: Path, **seed_options: Any) -> Iterator[tuple[str, DemoFleet]]:
+    """(URL, fleet): a sync-server process over a seeded demo fleet (v2 rolling out to 40 % of stable
+    with quality gates, drifting in its past hours); gates are checked at every report."""
     data = tmp_path / "data"
     bundles = baseline_bundles(publisher.bundles[1], publisher.public_key, publisher.private_key, tmp_path)
-    seed(server_config(data, None, publisher), bundles, publisher.saved_model)
+    fleet = seed(server_config(data, None, publisher), bundles, publisher.saved_model, gates={}, **seed_options)
     args = ["--data-dir", str(data), "--admin-token", ADMIN_TOKEN, "--enrollment-secret", ENROLLMENT_SECRET,
-            "--publisher-keys", str(publisher.public_key), "--embedded-preload", "off", "--log-format", "text"]
+            "--publisher-keys", str(publisher.public_key), "--embedded-preload", "off", "--log-format", "text",
+            "--quality-check-interval", "0"]
     with serve_process(args, tmp_path / "server.log", ready_path="/healthz", ready_timeout_s=60) as (url, _process):
-        yield url, api
+        yield url, fleet
+
+
+def log_in(page: Any, url: str) -> None:
+    page.goto(f"{url}/dashboard/models/{MODEL}")
+    assert "/dashboard/login" in page.url, "the model page needs a login first"
+    page.fill("#token", ADMIN_TOKEN)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{url}/dashboard/models/{MODEL}")
+    assert page.inner_text("h1") == MODEL
+
+
+def admin_channel(url: str) -> dict[str, Any]:
+    response = httpx.get(f"{url}/v1/models/{MODEL}/channels/{CHANNEL}", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert response.status_code == 200, response.text
+    return response.json()
 
 
 def last_value(data: list[float | None]) -> float:
@@ -57,10 +74,10 @@ def last_value(data: list[float | None]) -> float:
     return values[-1]
 
 
-def test_an_operator_logs_in_reads_the_charts_and_pauses_the_rollout_from_the_page(dashboard_server):
-    url, api = dashboard_server
+def test_an_operator_logs_in_reads_the_charts_and_pauses_the_rollout_from_the_page(publisher, tmp_path):  # noqa: F811
+    api = chromium_or_skip()
     problems: list[str] = []
-    with api.sync_playwright() as playwright:
+    with demo_server(publisher, tmp_path) as (url, _fleet), api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM))
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -110,8 +127,36 @@ def test_an_operator_logs_in_reads_the_charts_and_pauses_the_rollout_from_the_pa
             assert page.inner_text(f"#channel-{CHANNEL} .pause-reason") == "low-confidence answers doubled on v2"
         finally:
             browser.close()
-
-    channel = httpx.get(f"{url}/v1/models/{MODEL}/channels/{CHANNEL}", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()
-    assert channel["rollout"]["state"] == "paused" and channel["rollout"]["reason"] == "low-confidence answers doubled on v2"
-    assert channel["history"][0]["action"] == "pause"
+        channel = admin_channel(url)
+        assert channel["rollout"]["state"] == "paused" and channel["rollout"]["reason"] == "low-confidence answers doubled on v2"
+        assert channel["history"][0]["action"] == "pause"
     assert not problems, f"the browser reported errors (a CSP violation shows here): {problems}"
+
+
+def test_a_drifting_canary_pauses_itself_and_the_dashboard_shows_why(publisher, tmp_path):  # noqa: F811
+    api = chromium_or_skip()
+    rng = random.Random(1)
+    with demo_server(publisher, tmp_path) as (url, fleet), api.sync_playwright() as playwright:
+        assert admin_channel(url)["rollout"]["state"] == "active"
+        paused = None
+        for version, devices, drift in ((1, fleet.on_v1, 0.0), (2, fleet.on_v2, 1.0)):
+            for device_id in devices:
+                response = httpx.post(f"{url}/v1/devices/{device_id}/telemetry", json=report(version, rng, fleet.labels, drift),
+                                      headers={"Authorization": f"Bearer {fleet.tokens[device_id]}"})
+                assert response.status_code in (200, 201, 202), response.text
+                paused = paused or response.json().get("rollout_paused")
+        channel = admin_channel(url)
+        assert paused and channel["rollout"]["state"] == "paused" and channel["rollout"]["reason"] == paused
+        assert channel["history"][0]["action"] != "pause", "nobody paused it by hand"
+
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM))
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            log_in(page, url)
+            assert page.inner_text(f"#channel-{CHANNEL} .rollout-state") == "paused"
+            assert page.inner_text(f"#channel-{CHANNEL} .pause-reason") == paused
+            page.click(f"#channel-{CHANNEL} details.history summary")
+            history = page.inner_text(f"#channel-{CHANNEL} details.history tbody tr:first-child")
+            assert channel["history"][0]["action"] in history
+        finally:
+            browser.close()
