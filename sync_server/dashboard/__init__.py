@@ -3,7 +3,8 @@
 Log in with the admin token (a signed, HttpOnly, SameSite=Strict session cookie); see models, their
 versions, channels and rollouts, the devices per version (online, stalled), and charts over time per
 version (fallback and low-confidence rates, disagreement, drift, latency, devices). Promote, pause,
-resume and roll back a rollout, each after a confirmation page, with CSRF-checked POSTs.
+resume and roll back a rollout, move a shadow rollout to canary or change its percent, each after a
+confirmation page, with CSRF-checked POSTs; a step the quality gates refuse shows why, and may be forced.
 
 Pages are rendered on the server (Jinja2); the charts are Chart.js, served from `static/` with the
 package (no CDN, no build step; see static/VENDORED.md); their data comes from `series.json`.
