@@ -113,6 +113,11 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--warmup-photos", type=int, default=DEFAULT_WARMUP_PHOTOS, metavar="N",
                          help="calibration (else validation) photos written as the TF Serving version's warm-up "
                               "requests, assets.extra/tf_serving_warmup_requests; 0 writes none (default %(default)s)")
+    convert.add_argument("--pixel-signatures", action=argparse.BooleanOptionalAction, default=None,
+                         help="give the TF Serving version `pixels` (uint8 [N,H,W,3]) and `pixels_png` signatures "
+                              "that normalise in the graph, so the server forwards a device's fitted pixels as "
+                              "uint8 (150 KB for 224x224) instead of float32 (602 KB); the copy with them is what "
+                              "is converted, validated and exported (default: on with --serving-repo)")
     convert.add_argument("--threads", type=int, default=1, metavar="N",
                          help="LiteRT threads when measuring latency (default %(default)s)")
     convert.add_argument("--force", action="store_true", help="replace an existing bundle folder")
@@ -167,6 +172,8 @@ def _run_convert(args: argparse.Namespace) -> int:
         confidence_threshold=args.confidence_threshold,
         serving_repo=args.serving_repo,
         warmup_photos=args.warmup_photos,
+        # on by default with --serving-repo: the server then forwards uint8 pixels, a quarter of float32's bytes
+        pixel_signatures=args.serving_repo is not None if args.pixel_signatures is None else args.pixel_signatures,
         overwrite=args.force,
         show_progress=stderr_is_terminal() and not args.json,
     )
@@ -194,7 +201,11 @@ def _run_convert(args: argparse.Namespace) -> int:
     if result.gpu is not None:
         print(format_gpu(result.gpu))
     if result.serving_path is not None:
-        print(f"TF Serving version {result.serving_path}")
+        serving = m.serving or {}
+        signatures = ", ".join(serving.get("signatures") or ())
+        warmup = serving.get("warmup")
+        print(f"TF Serving version {result.serving_path}: signatures {signatures or '?'}"
+              + (f", {warmup['records']} warm-up requests" if warmup else ", no warm-up requests"))
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"converted in {result.seconds:.1f} s")

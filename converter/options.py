@@ -81,6 +81,13 @@ class ConvertOptions:
     #: Calibration (else validation) photos written as the version's TF Serving warm-up requests
     #: (`assets.extra/tf_serving_warmup_requests`); 0 writes none. At most 999 (TF Serving reads 1000).
     warmup_photos: int = DEFAULT_WARMUP_PHOTOS
+    #: Give the TF Serving version the `pixels` (uint8) and `pixels_png` signatures beside serving_default
+    #: (`converter.serving.add_pixel_signatures`), so the server forwards a photo's fitted uint8 pixels, not
+    #: float32 (a quarter of the bytes). The copy is made before conversion and is what gets converted,
+    #: validated and exported, so the bundle's source fingerprint is the served model's. Needs
+    #: `serving_repo`. Off here (the API keeps the SavedModel as given); `edge-convert` turns it on with
+    #: --serving-repo unless --no-pixel-signatures.
+    pixel_signatures: bool = False
     #: Replace an existing bundle folder.
     overwrite: bool = False
     smoke_cases: int = DEFAULT_SMOKE_CASES
@@ -122,6 +129,8 @@ class ConvertOptions:
             raise UsageError(f"--warmup-photos must be a whole number from 0 to 999, got {self.warmup_photos!r}")
         if self.smoke_cases < 1:
             raise UsageError("smoke_cases must be at least 1")
+        if self.pixel_signatures and self.serving_repo is None:
+            raise UsageError("--pixel-signatures changes the TF Serving version: pass --serving-repo REPO too")
         return replace(
             self,
             out=Path(self.out),

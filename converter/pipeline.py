@@ -1,7 +1,9 @@
 """`convert`: SavedModel in, verified and signed bundle out, or an error and nothing written.
 
 Order: check options, key and destinations (cheap, before any work); load the SavedModel and check
-its contract; convert; add the metadata; validate against the SavedModel (the gate); pick the smoke
+its contract; for a TF Serving version with pixel signatures, write the SavedModel again with them into a
+scratch folder and carry on with that copy (so what is converted, validated, fingerprinted and served is
+one model); convert; add the metadata; validate against the SavedModel (the gate); pick the smoke
 test; then publish the TF Serving version (if asked) and the bundle, each by renaming a finished
 temporary folder into place.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,12 +34,12 @@ from .options import DEFAULT_WARMUP_PHOTOS, ConvertOptions
 from .progress import native_log_captured
 from .report import GpuReport, ValidationReport
 from .saved_model import SavedModelClassifier
-from .serving import export_for_serving, next_version, version_path
+from .serving import PIXELS_SIGNATURE, add_pixel_signatures, export_for_serving, next_version, serving_signatures, version_path
 from .signing import KEY_PASSWORD_ENV, key_id, load_private_key
 from .smoke import make_smoke_test
 from .to_tflite import convert_to_tflite
 from .validate import validate
-from .warmup import WarmupRecords, build_warmup, warmup_batches
+from .warmup import WarmupRecords, build_warmup, warmup_batches, warmup_pixel_batches
 
 
 @dataclass(frozen=True)
@@ -62,12 +65,12 @@ def convert(saved_model: str | os.PathLike, options: ConvertOptions) -> Conversi
     """
     started = time.perf_counter()
     options = options.checked()
-    with native_log_captured() as (log, terminal):
-        result = _convert(Path(saved_model), options, terminal)
+    with native_log_captured() as (log, terminal), tempfile.TemporaryDirectory(prefix="edge-convert-") as scratch:
+        result = _convert(Path(saved_model), options, terminal, Path(scratch))
     return replace(result, seconds=time.perf_counter() - started, converter_log=result.converter_log + log.getvalue())
 
 
-def _convert(saved_model: Path, options: ConvertOptions, terminal: IO[str] | None) -> ConversionResult:
+def _convert(saved_model: Path, options: ConvertOptions, terminal: IO[str] | None, scratch: Path) -> ConversionResult:
     q, v = options.quantization, options.validation
     sign_key = _signing_key(options)
     check_destination(options.out, overwrite=options.overwrite)
@@ -78,6 +81,9 @@ def _convert(saved_model: Path, options: ConvertOptions, terminal: IO[str] | Non
     if options.serving_repo is not None:
         version_path(options.serving_repo, name, version)  # refuses an existing version now, not later
     photos = None if v.skip else _validation_photos(v.images, source.labels)
+    if options.pixel_signatures:
+        served = add_pixel_signatures(source.path, scratch / source.path.resolve().name, spec=source.spec)
+        source = SavedModelClassifier(served, labels_file=options.labels, spec_file=options.spec)
 
     converted = convert_to_tflite(source.path, q.mode, source.spec, calibration=calibration,
                                   show_progress=options.show_progress, progress_file=terminal)
@@ -129,11 +135,11 @@ def _convert(saved_model: Path, options: ConvertOptions, terminal: IO[str] | Non
             float_preprocess_spec=source.spec,
             confidence_threshold=options.confidence_threshold,
             smoke_test=smoke,
-            source=_source_record(source),
+            source=_source_record(source, saved_model),
             validation=report,
             gpu=gpu,
             baseline=baseline,
-            serving=_serving_record(name, version, warmup) if options.serving_repo is not None else None,
+            serving=_serving_record(name, version, warmup, source.path) if options.serving_repo is not None else None,
             converter=_versions(converted.calibration_photos),
             signing={"algorithm": "Ed25519", "key_id": key_id(sign_key)} if sign_key is not None else None,
             format_version=FORMAT_VERSION,
@@ -153,8 +159,12 @@ def _convert(saved_model: Path, options: ConvertOptions, terminal: IO[str] | Non
 
 
 def _warmup_records(source: SavedModelClassifier, name: str, photos: list[Path], limit: int) -> WarmupRecords:
-    """TF Serving warm-up requests from the photos (calibration first), prepared with the float spec."""
-    return build_warmup(name, source.input_name, warmup_batches(photos, source.spec, limit))
+    """TF Serving warm-up requests from the photos (calibration first), prepared with the float spec; for a
+    SavedModel with the pixel signatures, the same photos' fitted uint8 pixels (and PNGs) warm those up too."""
+    pixels = []
+    if PIXELS_SIGNATURE in serving_signatures(source.path)["signatures"]:  # type: ignore[operator]
+        pixels = warmup_pixel_batches(photos, source.spec, limit)
+    return build_warmup(name, source.input_name, warmup_batches(photos, source.spec, limit), pixels=pixels)
 
 
 def warmup_for_serving(saved_model: str | os.PathLike, name: str, photos: Path | None = None,
@@ -166,9 +176,10 @@ def warmup_for_serving(saved_model: str | os.PathLike, name: str, photos: Path |
     return _warmup_records(source, name, found, limit)
 
 
-def _serving_record(name: str, version: int, warmup: WarmupRecords | None) -> dict[str, object]:
-    """The manifest's `serving` entry; the warm-up file's sha256 is signed with the manifest."""
-    record: dict[str, object] = {"name": name, "version": version}
+def _serving_record(name: str, version: int, warmup: WarmupRecords | None, served: Path) -> dict[str, object]:
+    """The manifest's `serving` entry: the version, the signatures it offers the server (`pixels` among
+    them when it takes uint8), and the warm-up file's sha256, all signed with the manifest."""
+    record: dict[str, object] = {"name": name, "version": version, **serving_signatures(served)}
     if warmup is not None:
         record["warmup"] = warmup.to_dict()
     return record
@@ -184,11 +195,12 @@ def _signing_key(options: ConvertOptions) -> Ed25519PrivateKey | None:
     return load_private_key(options.signing.key, password)
 
 
-def _source_record(source: SavedModelClassifier) -> dict[str, object]:
-    # The folder's name only: the bundle travels to devices, and the build machine's paths are nobody's
-    # business there. The fingerprint is what identifies the SavedModel.
+def _source_record(source: SavedModelClassifier, given: Path) -> dict[str, object]:
+    # The given folder's name only: the bundle travels to devices, and the build machine's paths are nobody's
+    # business there. The fingerprint is what identifies the SavedModel (with pixel signatures: the copy
+    # that was converted and served, not the folder given).
     return {
-        "saved_model": source.path.resolve().name,
+        "saved_model": given.resolve().name,
         "signature": "serving_default",
         "input": source.input_name,
         "output": source.output_name,
