@@ -1,7 +1,8 @@
 """`edge-demo`: the main job on embedded defaults, end to end, for a newcomer's first run.
 
 Generates the synthetic shop photos, trains the demo classifier, converts it into a signed full-int8
-bundle with `edge-convert` (showing the validation report), installs it on a simulated device and
+bundle with `edge-convert` (showing the validation report) and its TF Serving version (which takes the
+device's uint8 pixels and warms itself up), installs it on a simulated device and
 classifies sample photos, good and bad, with `edge-classify`; starts the sync server, publishes the
 bundle and asks the full model; then enrols an `edge-agent` and publishes a second version while an
 app keeps classifying through the agent. Each later step runs the real command line, printed before
@@ -22,6 +23,13 @@ from pathlib import Path
 
 DEFAULT_WORKDIR = Path("demo-output")
 STEPS = 7
+#: The bundle's name and version, and where edge-convert lays its TF Serving version (what the server serves).
+NAME, VERSION = "shop-demo", 1
+
+
+def served_model(work: Path) -> Path:
+    """The TF Serving export `edge-convert --serving-repo` wrote beside the bundle: the SavedModel to publish."""
+    return work / "serving" / NAME / str(VERSION)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,18 +133,23 @@ def _demo_bundle(work: Path, data_dir: Path, retrained: bool) -> bool | None:
     """Convert (or reuse) the bundle; True when it was made now, None on failure."""
     keys = work / "keys"
     bundle = work / "bundle-int8"
-    _step(3, "convert: SavedModel -> signed full-int8 TFLite bundle, validated against the SavedModel")
+    _step(3, "convert: SavedModel -> signed full-int8 TFLite bundle, validated against the SavedModel, and its TF Serving version")
     if not (keys / "publisher").is_file():
         keys.mkdir(parents=True, exist_ok=True)
         if _run(["edge-convert", "keygen", "--out", keys / "publisher"]) != 0:
             return None
-    if (bundle / "manifest.json").is_file() and not retrained:
-        print(f"    reusing {bundle}; its report:")
+    served = served_model(work)
+    if (bundle / "manifest.json").is_file() and (served / "saved_model.pb").is_file() and not retrained:
+        print(f"    reusing {bundle} and {served}; the bundle's report:")
         return False if _run(["edge-convert", "inspect", bundle, "--public-key", keys / "publisher.pub"]) == 0 else None
+    if served.exists():  # TF Serving versions are immutable: the demo re-makes its own
+        print(f"    (removing the previous TF Serving version {served})")
+        shutil.rmtree(served)
     command = [
         "edge-convert", work / "model", "--out", bundle, "--quantize", "int8",
         "--calibration", data_dir / "train", "--validation", data_dir / "test",
-        "--name", "shop-demo", "--version", "1", "--sign-key", keys / "publisher", "--force",
+        "--name", NAME, "--version", str(VERSION), "--sign-key", keys / "publisher", "--force",
+        "--serving-repo", work / "serving",
     ]
     return True if _run(command) == 0 else None
 
@@ -186,12 +199,12 @@ def _demo_server(work: Path, fresh: bool) -> int:
             print(f"edge-demo: the sync server did not start; see {work / 'sync-server.log'}", file=sys.stderr)
             return 2
         print(f"      ready on {url}")
-        status = _run(["sync-server", "publish", work / "bundle-int8", "--saved-model", work / "model",
+        status = _run(["sync-server", "publish", work / "bundle-int8", "--saved-model", served_model(work),
                        "--channel", "stable", "--server", url, "--data-dir", data])
         if status != 0:
             return 2
         photo = work / "samples" / "backpack.jpg"
-        status = _run(["sync-server", "predict", photo, "--model", "shop-demo", "--server", url, "--data-dir", data])
+        status = _run(["sync-server", "predict", photo, "--model", NAME, "--server", url, "--data-dir", data])
         return 0 if status == 0 else 2
     finally:
         server.terminate()

@@ -2,7 +2,10 @@
 
 `run_demo` starts uvicorn on a free local port in a background thread, publishes the bundle and its
 SavedModel over the HTTP API (channel `stable`), sends one photo to the fallback endpoint, and stops
-the server. `edge-demo` (or `sync-server demo`) calls it after training and converting.
+the server. `sync-server demo` calls it after training and converting. The SavedModel to pass is the
+TF Serving version `edge-convert --serving-repo REPO` wrote with the bundle (REPO/NAME/VERSION): its
+warm-up records and `pixels` signature are signed in the bundle's manifest, so the version starts warm
+and takes uint8 pixels; the training export works too, without them.
 """
 
 from __future__ import annotations

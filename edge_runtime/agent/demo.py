@@ -3,7 +3,8 @@ while an app keeps classifying through the agent.
 
     python -m edge_runtime.agent.demo --workdir demo-output      (after `edge-demo` made its bundle)
 
-`run_agent_demo(work)` uses what `edge-demo` left in `work` (model/, bundle-int8/, keys/, samples/),
+`run_agent_demo(work)` uses what `edge-demo` left in `work` (bundle-int8/, its TF Serving version in
+serving/, keys/, samples/),
 runs every step as the command a person would type (printed before it runs), and writes its own
 files under `work/ota/`. Version 2 is the same weights signed as version 2: a real release would be
 retrained, but the path to the kiosk is the same.
@@ -40,7 +41,8 @@ def run_agent_demo(work: Path, *, seconds_after: float = 2.0, out: Callable[[str
     went from shadow to canary. `announce(title)` heads the shadow part; `keep_serving` leaves the
     server (and its dashboard) and the agent running until Ctrl-C."""
     work = Path(work)
-    bundle, model, keys = work / "bundle-int8", work / "model", work / "keys"
+    bundle, keys = work / "bundle-int8", work / "keys"
+    model = _served_model(work, bundle)  # the TF Serving version edge-convert wrote with the bundle: what gets published
     photos = sorted(p for p in (work / "samples").glob("*.jpg") if _is_photo(p))
     for needed in (bundle / "manifest.json", model / "saved_model.pb", keys / "publisher"):
         if not needed.is_file():
@@ -167,6 +169,18 @@ def _shadow_predictions(url: str, name: str, token: str) -> int:
     except (OSError, ValueError):
         return 0
     return sum(v.get("predictions") or 0 for v in answer.get("versions") or [] if v.get("version") == 3)
+
+
+def _served_model(work: Path, bundle: Path) -> Path:
+    """The SavedModel published with the bundle (and its re-signed versions 2 and 3): the TF Serving version
+    its manifest records (work/serving/NAME/VERSION), else work/model for a bundle converted without one."""
+    try:
+        serving = json.loads((bundle / "manifest.json").read_text()).get("serving") or {}
+    except (OSError, ValueError):
+        serving = {}
+    if serving.get("name") and serving.get("version"):
+        return work / "serving" / str(serving["name"]) / str(serving["version"])
+    return work / "model"
 
 
 def _second_version(bundle: Path, private_key: Path, target: Path, *, version: int | None = None) -> Path:
