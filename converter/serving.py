@@ -116,7 +116,8 @@ def add_pixel_signatures(saved_model: str | os.PathLike, out: str | os.PathLike,
     serve = model.signatures["serving_default"]
     inputs = serve.structured_input_signature[1]
     if len(inputs) != 1:
-        raise UsageError(f"serving_default of {source} takes {len(inputs)} inputs; one image input is expected")
+        raise UsageError(f"serving_default of {source} takes {len(inputs)} inputs, so it cannot get the pixel signatures "
+                         "(one image input is expected): convert with --no-pixel-signatures")
     (input_name, input_spec), = inputs.items()
     height, width = spec.height, spec.width  # type: ignore[attr-defined]
     # preprocessing.normalise: (pixels.astype(float32) * float32(scale) - mean) / std, in float32, in that order.
@@ -144,7 +145,8 @@ def add_pixel_signatures(saved_model: str | os.PathLike, out: str | os.PathLike,
 
     if input_spec.dtype != tf.float32 or input_spec.shape.as_list()[1:] != [height, width, 3]:
         raise UsageError(f"serving_default of {source} takes {input_spec.dtype.name} {input_spec.shape}; "
-                         f"the spec prepares float32 [N, {height}, {width}, 3]")
+                         f"the spec prepares float32 [N, {height}, {width}, 3], so it cannot get the pixel signatures: "
+                         "convert with --no-pixel-signatures")
     staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         tf.saved_model.save(model, str(staging), signatures={
