@@ -234,7 +234,9 @@ class Registry:
 
     # --- reading --------------------------------------------------------------------------------
 
-    def list_models(self) -> list[dict[str, Any]]:
+    def list_models(self, gates: Any = None, rollout_options: Any = None) -> list[dict[str, Any]]:
+        """Every model with its versions and channels; `gates`, `rollout_options`: the server's, for
+        each rollout's effective quality gates (as the channel view shows them)."""
         with self.db.read() as session:
             models = session.scalars(
                 select(Model).options(selectinload(Model.versions), selectinload(Model.channels)).order_by(Model.name)
@@ -246,7 +248,7 @@ class Registry:
                     "name": m.name,
                     "created_at": iso(m.created_at),
                     "versions": [v.version for v in m.versions],
-                    "channels": {c.name: channel_view(m.name, c) for c in m.channels},
+                    "channels": {c.name: channel_view(m.name, c, gates, rollout_options) for c in m.channels},
                 }
                 for m in models
             ]

@@ -16,6 +16,8 @@ def test_only_the_shadow_cohort_may_download_the_candidates_files(tmp_path: Path
         response = server.admin("POST", f"/v1/models/{MODEL}/channels/stable/rollout",
                                 json={"version": 2, "percent": 50, "mode": "shadow", "sample_rate": 0.5})
         assert response.status_code == 200, response.text
+        listed = server.admin("GET", "/v1/models").json()[0]["channels"]["stable"]["rollout"]
+        assert listed["gates"] == response.json()["rollout"]["gates"] and listed["gates"]["min_predictions"] == 200
         inside, outside = [], []
         for device in devices:
             view = device.assignment().json()

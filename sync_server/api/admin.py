@@ -138,7 +138,7 @@ def _limited_receive(receive: Receive, limit: int) -> Receive:
 @router.get("/models", responses=responses())
 def list_models(state: Services = Depends(auth.services)) -> list[dict[str, Any]]:
     """Every model with its versions and channels."""
-    return state.registry.list_models()
+    return state.registry.list_models(state.rollouts.gates, state.rollouts.options)
 
 
 @router.get("/models/{name}", responses=responses(404))
