@@ -38,6 +38,14 @@ _LEVELS = np.arange(256, dtype=np.int64)
 _SQUARES = _LEVELS * _LEVELS
 
 
+def _parse_sums(fields: list[str]) -> tuple[int, list[int], list[int]]:
+    """(pixels, sums, squares) from a journal line's three input-sum fields; ValueError when damaged."""
+    sums = (int(fields[0]), [int(v) for v in fields[1].split(",")], [int(v) for v in fields[2].split(",")])
+    if len(sums[1]) != len(sums[2]):
+        raise ValueError("damaged input sums")
+    return sums
+
+
 def pixel_sums(pixels: np.ndarray) -> tuple[int, list[int], list[int]]:
     """(pixels per channel, per-channel sum, per-channel sum of squares) of fitted uint8 pixels: the
     figures `preprocessing.InputStats.add` adds, exactly (integers), from one 256-bin histogram per
@@ -371,9 +379,7 @@ class TelemetryRecorder:
             low = parts[7] == "1"
             disagrees = None if parts[8] == "-" else parts[8] == "1"
             if parts[9] == "1":
-                sums = (int(parts[10]), [int(v) for v in parts[11].split(",")], [int(v) for v in parts[12].split(",")])
-                if len(sums[1]) != len(sums[2]):
-                    raise ValueError("damaged input sums")
+                sums = _parse_sums(parts[10:13])
         stats = self._open.get(version)
         if stats is None:
             stats = self._open[version] = PeriodStats(started=at)
@@ -384,11 +390,7 @@ class TelemetryRecorder:
     def _replay_shadow(self, parts: list[str]) -> None:
         if len(parts) not in (10, 13):  # 10: without input sums (an older agent, or a failed sample)
             raise ValueError("not a shadow journal line")
-        sums = None
-        if len(parts) == 13:
-            sums = (int(parts[10]), [int(v) for v in parts[11].split(",")], [int(v) for v in parts[12].split(",")])
-            if len(sums[1]) != len(sums[2]):
-                raise ValueError("damaged input sums")
+        sums = _parse_sums(parts[10:13]) if len(parts) == 13 else None
         at, version, shadow_of = float(parts[1]), int(parts[2]), int(parts[3])
         label_index = None if parts[4] == "-" else int(parts[4])
         score = None if parts[5] == "-" else float(parts[5])
