@@ -108,6 +108,8 @@ def run_agent_demo(work: Path, *, seconds_after: float = 2.0, out: Callable[[str
         if announce is not None:
             announce("shadow, then canary: version 3 runs beside version 2 on the kiosk before it serves anyone")
         status = _shadow_then_canary(url, local, name, bundle, model, keys, ota, photos, server_env, out)
+        if status == 0 and not keep_serving:
+            out("    (the demo stops its server and agent now: `bash scripts/demo.sh --serve` keeps them running for the dashboard)")
         if status == 0 and keep_serving:
             out("    the server and the agent keep running; Ctrl-C stops them")
             try:
