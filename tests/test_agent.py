@@ -19,7 +19,8 @@ from edge_runtime.agent import Agent, AgentOptions, AgentPaths, HealthPolicy, Re
 from edge_runtime.agent.outbox import Outbox
 from edge_runtime.agent.servable import Servable, make_loader
 from edge_runtime.store import ModelRef
-from tests.agent_support import ROOT, BundleMaker, Proxy, device_home, sync_server_process, wait_for
+from tests.agent_fixtures import bundles  # noqa: F401  (fixtures)
+from tests.agent_support import ROOT, Proxy, device_home, sync_server_process, wait_for
 from tests.conftest import real_photo_path
 from tests.server_fixtures import ENROLLMENT_SECRET, publisher  # noqa: F401  (fixture)
 
@@ -32,11 +33,6 @@ def server(publisher, tmp_path_factory):  # noqa: F811
     keys = [publisher.public_key, publisher.stranger_public_key]
     with sync_server_process(tmp_path_factory.mktemp("sync-server"), keys) as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def bundles(publisher, tmp_path_factory):  # noqa: F811
-    return BundleMaker(publisher, tmp_path_factory.mktemp("bundles"))
 
 
 def fast_options(home: Path, **overrides) -> AgentOptions:

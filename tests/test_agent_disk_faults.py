@@ -29,7 +29,8 @@ from edge_runtime.agent.outbox import Outbox, OutboxSender
 from edge_runtime.agent.client import SyncClient
 from edge_runtime.agent.options import RetryOptions
 from edge_runtime.store import ModelRef, ModelStore
-from tests.agent_support import ROOT, BundleMaker, Proxy, device_home, sync_server_process, wait_for
+from tests.agent_fixtures import bundles, small_disk  # noqa: F401  (fixtures)
+from tests.agent_support import ROOT, Proxy, device_home, sync_server_process, wait_for
 from tests.conftest import real_photo_path
 from tests.server_fixtures import ENROLLMENT_SECRET, publisher  # noqa: F401  (fixture)
 from tests.test_agent import fast_options
@@ -78,11 +79,6 @@ Agent.create_from_options(options, loader=loader).run_forever()
 def server(publisher, tmp_path_factory):  # noqa: F811
     with sync_server_process(tmp_path_factory.mktemp("sync-server"), [publisher.public_key]) as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def bundles(publisher, tmp_path_factory):  # noqa: F811
-    return BundleMaker(publisher, tmp_path_factory.mktemp("bundles"))
 
 
 def enrolled(home: Path, server_url: str, model: str) -> str:
@@ -250,20 +246,6 @@ def test_kills_during_a_load_refuse_the_version_only_for_a_while(server, bundles
 
 
 # --- finding 3: a full disk is disk_full, never a bad release --------------------------------------------
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 3 MiB tmpfs (root only)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (needs root): {done.stderr.strip() or done.returncode}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 class Lines(logging.Handler):

@@ -28,22 +28,12 @@ from edge_runtime.agent.serving import Classify, LocalApi
 from edge_runtime.agent.source import AssignmentSource
 from edge_runtime.agent.supervisor import Supervisor
 from edge_runtime.store import ModelRef
-from tests.agent_support import BundleMaker, device_home, wait_for
+from tests.agent_fixtures import bundles, stand_in  # noqa: F401  (fixtures)
+from tests.agent_support import device_home, wait_for
 from tests.misbehaving_server import MisbehavingServer, drip, garbage_stream, hold, long_line, reply
 from tests.server_fixtures import publisher  # noqa: F401  (fixture)
 
 FAST_RETRY = RetryOptions(attempts=3, base_s=0.05, max_s=0.5)
-
-
-@pytest.fixture()
-def stand_in():
-    with MisbehavingServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def bundles(publisher, tmp_path_factory):  # noqa: F811
-    return BundleMaker(publisher, tmp_path_factory.mktemp("bundles"))
 
 
 def options(home: Path, **overrides) -> AgentOptions:

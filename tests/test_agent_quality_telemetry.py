@@ -24,22 +24,12 @@ from edge_runtime.agent.config import Identity, save_identity
 from edge_runtime.agent.outbox import Outbox
 from edge_runtime.agent.telemetry import PeriodStats, TelemetryRecorder, pixel_sums
 from preprocessing import InputStats, preprocess_pixels
-from tests.agent_support import ROOT, BundleMaker, device_home, wait_for
+from tests.agent_fixtures import bundles, stand_in  # noqa: F401  (fixtures)
+from tests.agent_support import ROOT, device_home, wait_for
 from tests.baseline_fixtures import validated_bundle  # noqa: F401  (fixture)
 from tests.conftest import real_photo_path
 from tests.misbehaving_server import MisbehavingServer
 from tests.server_fixtures import publisher  # noqa: F401  (fixture)
-
-
-@pytest.fixture()
-def stand_in():
-    with MisbehavingServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def bundles(publisher, tmp_path_factory):  # noqa: F811
-    return BundleMaker(publisher, tmp_path_factory.mktemp("bundles"))
 
 
 @pytest.fixture(scope="module")

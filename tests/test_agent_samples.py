@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import subprocess
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from edge_runtime.agent import Agent
 from edge_runtime.agent.cli import main
 from edge_runtime.agent.options import SampleOptions
 from edge_runtime.agent.samples import SampleStore, list_samples, parse_since
+from tests.agent_fixtures import small_disk  # noqa: F401  (fixtures)
 from tests.agent_support import wait_for
 from tests.server_fixtures import publisher  # noqa: F401  (fixture)
 from tests.test_agent_quality_telemetry import (  # noqa: F401  (fixtures)
@@ -151,20 +151,6 @@ def test_since_takes_dates_times_and_ages():
 
 
 # --- a full disk: the photo is skipped and counted, the request never knows -----------------------------------
-
-
-@pytest.fixture()
-def small_disk(tmp_path):
-    """A real 3 MiB tmpfs (root only)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (needs root): {done.stderr.strip() or done.returncode}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 def test_a_full_disk_skips_the_photo_counts_it_and_never_fails_the_request(stand_in, bundles, publisher, photos, tmp_path,

@@ -28,23 +28,13 @@ from edge_runtime.agent.serving import ClassifiedPhoto
 from edge_runtime.agent.shadow import ShadowRunner
 from edge_runtime.store import ModelRef, ModelStore
 from preprocessing import preprocess_pixels
-from tests.agent_support import ROOT, BundleMaker, device_home, sync_server_process, wait_for
+from tests.agent_fixtures import bundles, stand_in  # noqa: F401  (fixtures)
+from tests.agent_support import ROOT, device_home, sync_server_process, wait_for
 from tests.conftest import real_photo_path
 from tests.misbehaving_server import MisbehavingServer
 from tests.server_fixtures import ENROLLMENT_SECRET, publisher  # noqa: F401  (fixture)
 
 PHOTOS = [real_photo_path(name).read_bytes() for name in ("rocket.jpg", "chelsea.png", "coffee.png", "astronaut.png")]
-
-
-@pytest.fixture()
-def stand_in():
-    with MisbehavingServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def bundles(publisher, tmp_path_factory):  # noqa: F811
-    return BundleMaker(publisher, tmp_path_factory.mktemp("bundles"))
 
 
 def options(home: Path, **overrides) -> AgentOptions:
