@@ -58,17 +58,7 @@ class ShadowAssignment:
         rate = data.get("sample_rate")
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
             raise InvalidAssignmentError(f"the shadow's sample rate {_show(rate)} is not a number in 0..1", version)
-        raw_files = data.get("files")
-        if not isinstance(raw_files, dict):
-            raise InvalidAssignmentError(f"the shadow's files are {_kind(raw_files)}, not an object of name: file", version)
-        files: dict[str, RemoteFile] = {}
-        for name, item in raw_files.items():
-            if name not in BUNDLE_FILES:
-                raise InvalidAssignmentError(f"the shadow lists an unexpected file {_show(name)}", version)
-            files[name] = _remote_file(name, item, version)
-        for needed in ("model.tflite", "manifest.json", "labels.txt"):
-            if needed not in files:
-                raise InvalidAssignmentError(f"the shadow version {version} lists no {needed}", version)
+        files = _bundle_files(data.get("files"), version, "shadow", f"the shadow version {version}")
         return cls(version, files, float(rate))
 
 
@@ -105,19 +95,8 @@ class Assignment:
         if version is not None and (isinstance(version, bool) or not isinstance(version, int) or not 1 <= version < 2**31):
             raise InvalidAssignmentError(f"the assignment's version {_show(version)} is not a positive integer")
         raw_files = data.get("files")
-        if raw_files is None:
-            raw_files = {}
-        if not isinstance(raw_files, dict):
-            raise InvalidAssignmentError(f"the assignment's files are {_kind(raw_files)}, not an object of name: file", version)
-        files: dict[str, RemoteFile] = {}
-        for name, item in raw_files.items():
-            if name not in BUNDLE_FILES:
-                raise InvalidAssignmentError(f"the assignment lists an unexpected file {_show(name)}", version)
-            files[name] = _remote_file(name, item, version)
-        if version is not None:
-            for needed in ("model.tflite", "manifest.json", "labels.txt"):
-                if needed not in files:
-                    raise InvalidAssignmentError(f"the assignment of version {version} lists no {needed}", version)
+        files = _bundle_files({} if raw_files is None else raw_files, version, "assignment",
+                              None if version is None else f"the assignment of version {version}")
         rollout = data.get("rollout", False)
         if rollout is not None and not isinstance(rollout, bool):
             raise InvalidAssignmentError(f"the assignment's rollout flag {_show(rollout)} is not true or false", version)
@@ -129,6 +108,23 @@ class Assignment:
         except InvalidAssignmentError as exc:  # a broken shadow part never costs the served version
             problem = (exc.version, str(exc))
         return cls(model, version, files, bool(rollout), etag, shadow, problem)
+
+
+def _bundle_files(raw: Any, version: int | None, part: str, needing: str | None) -> dict[str, RemoteFile]:
+    """The `files` object of the assignment or its shadow (`part`), checked; with `needing` (how to
+    name the version in the message), the three files every bundle has must be listed."""
+    if not isinstance(raw, dict):
+        raise InvalidAssignmentError(f"the {part}'s files are {_kind(raw)}, not an object of name: file", version)
+    files: dict[str, RemoteFile] = {}
+    for name, item in raw.items():
+        if name not in BUNDLE_FILES:
+            raise InvalidAssignmentError(f"the {part} lists an unexpected file {_show(name)}", version)
+        files[name] = _remote_file(name, item, version)
+    if needing is not None:
+        for needed in ("model.tflite", "manifest.json", "labels.txt"):
+            if needed not in files:
+                raise InvalidAssignmentError(f"{needing} lists no {needed}", version)
+    return files
 
 
 def parse_assignment(raw: str | bytes, etag: str | None = None) -> Assignment:
