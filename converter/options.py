@@ -85,9 +85,9 @@ class ConvertOptions:
     #: (`converter.serving.add_pixel_signatures`), so the server forwards a photo's fitted uint8 pixels, not
     #: float32 (a quarter of the bytes). The copy is made before conversion and is what gets converted,
     #: validated and exported, so the bundle's source fingerprint is the served model's. Needs
-    #: `serving_repo`. Off here (the API keeps the SavedModel as given); `edge-convert` turns it on with
-    #: --serving-repo unless --no-pixel-signatures.
-    pixel_signatures: bool = False
+    #: `serving_repo`. None (the default): on exactly when `serving_repo` is given, as `edge-convert
+    #: --serving-repo` does unless --no-pixel-signatures; False keeps the SavedModel as given.
+    pixel_signatures: bool | None = None
     #: Replace an existing bundle folder.
     overwrite: bool = False
     smoke_cases: int = DEFAULT_SMOKE_CASES
@@ -133,6 +133,7 @@ class ConvertOptions:
             raise UsageError("--pixel-signatures changes the TF Serving version: pass --serving-repo REPO too")
         return replace(
             self,
+            pixel_signatures=self.serving_repo is not None if self.pixel_signatures is None else self.pixel_signatures,
             out=Path(self.out),
             quantization=replace(q, mode=mode, calibration=_path(q.calibration)),
             validation=replace(v, images=_path(v.images)),

@@ -156,3 +156,15 @@ def test_pixel_signatures_without_a_serving_repo_is_one_clear_error(tiny_saved_m
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--serving-repo" in err
     assert not (tmp_path / "b").exists()
+
+
+def test_the_python_api_gives_a_served_version_the_pixel_signatures_unless_told_not_to(tmp_path):
+    from converter import ConvertOptions, SigningOptions, ValidationOptions
+
+    def checked(**options):  # noqa: ANN003
+        return ConvertOptions(out=tmp_path / "b", validation=ValidationOptions(skip=True), signing=SigningOptions(unsigned=True),
+                              **options).checked()
+
+    assert checked(serving_repo=tmp_path / "repo").pixel_signatures is True
+    assert checked().pixel_signatures is False
+    assert checked(serving_repo=tmp_path / "repo", pixel_signatures=False).pixel_signatures is False

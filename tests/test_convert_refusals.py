@@ -295,7 +295,7 @@ def test_a_failed_bundle_write_takes_the_serving_version_back(models, demo_datas
     with pytest.raises(PublishError):
         convert(models["near_tie"], ConvertOptions(
             out=tmp_path / "bundle", validation=ValidationOptions(images=demo_dataset / "val"),
-            signing=SigningOptions(key=key[0]), name="tie", serving_repo=tmp_path / "repo",
+            signing=SigningOptions(key=key[0]), name="tie", serving_repo=tmp_path / "repo", pixel_signatures=False,
         ))
     assert list((tmp_path / "repo" / "tie").iterdir()) == []
 

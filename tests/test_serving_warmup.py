@@ -58,6 +58,7 @@ def converted(tiny_saved_model: Path, demo_dataset: Path, tmp_path_factory) -> d
         name="tiny",
         serving_repo=root / "serving",
         warmup_photos=PHOTOS,
+        pixel_signatures=False,  # the float path (tests/test_convert_pixel_signatures.py has the default, with pixels)
     ))
     return {"root": root, "result": result, "version": result.serving_path, "public_key": public}
 
