@@ -37,6 +37,7 @@ import httpx
 import numpy as np
 
 from ..errors import BackendFailedError, BackendUnavailableError
+from .http_exchange import exchange, reason
 from .tf_serving import OUTPUT_NAMES
 
 log = logging.getLogger("sync_server.oip")
@@ -184,7 +185,7 @@ class OIPPredictor:
         try:
             response = await self._http.get(self.url + "/v2/health/ready", timeout=2.0)
         except httpx.HTTPError as exc:
-            return f"the OIP server at {self.url} is unreachable ({_reason(exc)})"
+            return f"the OIP server at {self.url} is unreachable ({reason(exc)})"
         return None if response.status_code == 200 else f"the OIP server at {self.url} is not ready (HTTP {response.status_code})"
 
     async def aclose(self) -> None:
@@ -216,43 +217,16 @@ class OIPPredictor:
         self, method: str, path: str, *, deadline: float, limit: int, content: bytes | None = None, headers: dict | None = None
     ) -> tuple[httpx.Response, bytes]:
         """One exchange ending by `deadline`, retried only after connection errors; the body read up to `limit`."""
-        loop = asyncio.get_running_loop()
-        attempts = 1 + max(0, self.options.retries)
-        budget = max(0.0, deadline - loop.time())
-        for attempt in range(attempts):
-            remaining = max(0.001, deadline - loop.time())
-            timeout = httpx.Timeout(remaining, connect=min(self.options.connect_timeout_s, remaining))
+
+        async def attempt(timeout: httpx.Timeout) -> tuple[httpx.Response, bytes]:
+            request = self._http.build_request(method, self.url + path, content=content, headers=headers, timeout=timeout)
+            response = await self._http.send(request, stream=True)
             try:
-                async with asyncio.timeout_at(deadline):  # httpx's timeouts are per step, this one is in total
-                    request = self._http.build_request(method, self.url + path, content=content, headers=headers, timeout=timeout)
-                    response = await self._http.send(request, stream=True)
-                    try:
-                        return response, await _read_bounded(response, limit)
-                    finally:
-                        await response.aclose()
-            except (TimeoutError, httpx.TimeoutException) as exc:
-                if isinstance(exc, httpx.ConnectTimeout) and attempt + 1 < attempts:
-                    continue
-                raise BackendUnavailableError(
-                    f"the OIP server at {self.url} did not answer within {budget:.1f} s",
-                    retry_after_s=self.options.retry_after_s,
-                    code="backend_timeout",
-                ) from exc
-            except httpx.ConnectError as exc:
-                backoff = self.options.retry_backoff_s * (2**attempt)
-                if attempt + 1 < attempts and loop.time() + backoff < deadline:
-                    await asyncio.sleep(backoff)
-                    continue
-                raise BackendUnavailableError(
-                    f"the OIP server at {self.url} is unreachable ({_reason(exc)}); try again shortly",
-                    retry_after_s=self.options.retry_after_s,
-                ) from exc
-            except httpx.TransportError as exc:
-                raise BackendUnavailableError(
-                    f"the connection to the OIP server at {self.url} failed ({_reason(exc)})",
-                    retry_after_s=self.options.retry_after_s,
-                ) from exc
-        raise AssertionError("unreachable")  # pragma: no cover
+                return response, await _read_bounded(response, limit)
+            finally:
+                await response.aclose()
+
+        return await exchange(attempt, deadline=deadline, peer=f"the OIP server at {self.url}", options=self.options)
 
     def _error(self, status: int, content: bytes, what: str) -> Exception:
         message = _error_message(status, content)
@@ -384,5 +358,3 @@ def _servable(name: str, version: int) -> str:
     return f"version {version} of model {name}"
 
 
-def _reason(exc: BaseException) -> str:
-    return str(exc).strip() or type(exc).__name__

@@ -28,12 +28,14 @@ import io
 import json
 import logging
 import urllib.parse
+from typing import Awaitable
 
 import httpx
 import numpy as np
 
 from ..config import TFServingOptions
 from ..errors import BackendFailedError, BackendUnavailableError
+from .http_exchange import exchange, reason
 from .json_tensor import encode_float_tensor
 
 log = logging.getLogger("sync_server.tf_serving")
@@ -147,7 +149,7 @@ class TFServingClient:
         try:
             response = await self._http.get(self.url + "/v1/models/_readiness_probe", timeout=2.0)
         except httpx.HTTPError as exc:
-            return f"TF Serving at {self.url} is unreachable ({_reason(exc)})"
+            return f"TF Serving at {self.url} is unreachable ({reason(exc)})"
         # Any answer below 500 (404 for the probe's made-up model) means the REST server is up.
         return None if response.status_code < 500 else f"TF Serving at {self.url} answered HTTP {response.status_code}"
 
@@ -158,43 +160,13 @@ class TFServingClient:
 
     async def _send(self, method: str, path: str, content: bytes | None = None, timeout_s: float | None = None) -> httpx.Response:
         headers = {"Content-Type": "application/json"} if content is not None else None
-        attempts = 1 + max(0, self.options.retries)
-        loop = asyncio.get_running_loop()
         budget = self.options.timeout_s if timeout_s is None else min(timeout_s, self.options.timeout_s)
-        deadline = loop.time() + budget
-        for attempt in range(attempts):
-            remaining = deadline - loop.time()
-            timeout = httpx.Timeout(remaining, connect=min(self.options.connect_timeout_s, remaining))
-            try:
-                async with asyncio.timeout_at(deadline):  # httpx's timeouts are per step, this one is in total
-                    return await self._http.request(method, self.url + path, content=content, headers=headers, timeout=timeout)
-            except TimeoutError as exc:
-                raise BackendUnavailableError(
-                    f"TF Serving at {self.url} did not answer within {budget:g} s",
-                    retry_after_s=self.options.retry_after_s,
-                    code="backend_timeout",
-                ) from exc
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                backoff = self.options.retry_backoff_s * (2**attempt)
-                if attempt + 1 < attempts and loop.time() + backoff < deadline:
-                    await asyncio.sleep(backoff)
-                    continue
-                raise BackendUnavailableError(
-                    f"TF Serving at {self.url} is unreachable ({_reason(exc)}); try again shortly",
-                    retry_after_s=self.options.retry_after_s,
-                ) from exc
-            except httpx.TimeoutException as exc:
-                raise BackendUnavailableError(
-                    f"TF Serving at {self.url} did not answer within {budget:g} s",
-                    retry_after_s=self.options.retry_after_s,
-                    code="backend_timeout",
-                ) from exc
-            except httpx.TransportError as exc:
-                raise BackendUnavailableError(
-                    f"the connection to TF Serving at {self.url} failed ({_reason(exc)})",
-                    retry_after_s=self.options.retry_after_s,
-                ) from exc
-        raise AssertionError("unreachable")  # pragma: no cover
+
+        def attempt(timeout: httpx.Timeout) -> Awaitable[httpx.Response]:
+            return self._http.request(method, self.url + path, content=content, headers=headers, timeout=timeout)
+
+        deadline = asyncio.get_running_loop().time() + budget
+        return await exchange(attempt, deadline=deadline, peer=f"TF Serving at {self.url}", options=self.options)
 
     def _error(self, status: int, data: object, what: str) -> Exception:
         message = data.get("error") if isinstance(data, dict) else None
@@ -301,5 +273,3 @@ def _servable(name: str, version: int | None, label: str | None) -> str:
     return f"model {name}"
 
 
-def _reason(exc: BaseException) -> str:
-    return str(exc).strip() or type(exc).__name__
