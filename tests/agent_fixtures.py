@@ -7,6 +7,7 @@ Import them into a test module (`from tests.agent_fixtures import bundles, stand
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +40,17 @@ def small_disk(tmp_path):
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def fill_disk(folder: Path) -> Path:
+    """Fill the file system holding `folder` to the last byte, as other software on a device might;
+    returns the file that fills it (`folder/filler`: unlink it to make room again)."""
+    filler = folder / "filler"
+    with open(filler, "wb") as out:
+        try:
+            while True:
+                out.write(b"\0" * 65536)
+                out.flush()
+        except OSError:
+            pass
+    return filler

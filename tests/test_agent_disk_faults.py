@@ -29,7 +29,7 @@ from edge_runtime.agent.outbox import Outbox, OutboxSender
 from edge_runtime.agent.client import SyncClient
 from edge_runtime.agent.options import RetryOptions
 from edge_runtime.store import ModelRef, ModelStore
-from tests.agent_fixtures import bundles, small_disk  # noqa: F401  (fixtures)
+from tests.agent_fixtures import bundles, fill_disk, small_disk  # noqa: F401  (fixtures)
 from tests.agent_support import ROOT, Proxy, device_home, sync_server_process, wait_for
 from tests.conftest import real_photo_path
 from tests.server_fixtures import ENROLLMENT_SECRET, publisher  # noqa: F401  (fixture)
@@ -324,14 +324,7 @@ def test_a_full_outbox_keeps_counts_in_memory_says_so_once_and_sends_them_when_t
     enrolled(home, server.url, "fullbox")
     with Agent.create_from_options(fast_options(home, telemetry_period_s=1.0)) as agent:
         wait_for(lambda: serving_version(agent) == 1, what="v1 served")
-        filler = small_disk / "filler"
-        with open(filler, "wb") as out:  # something else on the device fills the disk to the last byte
-            try:
-                while True:
-                    out.write(b"\0" * 65536)
-                    out.flush()
-            except OSError:
-                pass
+        filler = fill_disk(small_disk)  # something else on the device fills the disk to the last byte
         for _ in range(5):
             assert classify(agent.url) == 200
         time.sleep(2.5)  # several telemetry periods and outbox ticks on a full disk

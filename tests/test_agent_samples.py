@@ -19,7 +19,7 @@ from edge_runtime.agent import Agent
 from edge_runtime.agent.cli import main
 from edge_runtime.agent.options import SampleOptions
 from edge_runtime.agent.samples import SampleStore, list_samples, parse_since
-from tests.agent_fixtures import small_disk  # noqa: F401  (fixtures)
+from tests.agent_fixtures import fill_disk, small_disk  # noqa: F401  (fixtures)
 from tests.agent_support import wait_for
 from tests.server_fixtures import publisher  # noqa: F401  (fixture)
 from tests.test_agent_quality_telemetry import (  # noqa: F401  (fixtures)
@@ -163,14 +163,7 @@ def test_a_full_disk_skips_the_photo_counts_it_and_never_fails_the_request(stand
     kept_in = small_disk / "kept"
     with serving_agent(stand_in, bundles, publisher, home, fallback_threshold=1.0,
                        samples=SampleOptions(folder=kept_in, max_bytes=64 * 1024 * 1024)) as agent:
-        filler = small_disk / "filler"
-        with open(filler, "wb") as out:  # something else on the device fills the disk to the last byte
-            try:
-                while True:
-                    out.write(b"\0" * 65536)
-                    out.flush()
-            except OSError:
-                pass
+        filler = fill_disk(small_disk)  # something else on the device fills the disk to the last byte
         answers = [post_photo(agent.url, photo) for photo in photos[:4]]
         assert [status for status, _ in answers] == [200] * 4 and all(body["label"] for _, body in answers)
         assert agent.samples.flush()
