@@ -317,14 +317,19 @@ def test_the_vendored_chart_library_matches_its_record_and_ships_with_the_packag
         assert any(fnmatch.fnmatch(relative, g) for g in globs), f"{relative} would be left out of the wheel"
 
 
+def logged_in_with_a_shadow_rollout(server, publisher) -> None:  # noqa: ANN001, F811
+    """Versions 1 (stable) and 2 (a shadow rollout at 20 %), and an operator logged in."""
+    server.publish_ok(publisher, 1, 2)
+    server.set_channel(1)
+    response = server.admin("POST", f"/v1/models/{MODEL}/channels/stable/rollout",
+                            json={"version": 2, "percent": 20, "mode": "shadow"})
+    assert response.status_code == 200, response.text
+    assert login(server).status_code == 303
+
+
 def test_a_gated_promote_shows_the_unmet_gates_and_can_be_forced_from_the_page(publisher, tmp_path):
     with running_server(server_config(tmp_path / "data", None, publisher)) as server:
-        server.publish_ok(publisher, 1, 2)
-        server.set_channel(1)
-        response = server.admin("POST", f"/v1/models/{MODEL}/channels/stable/rollout",
-                                json={"version": 2, "percent": 20, "mode": "shadow"})
-        assert response.status_code == 200, response.text
-        assert login(server).status_code == 303
+        logged_in_with_a_shadow_rollout(server, publisher)
         base = f"/dashboard/models/{MODEL}/channels/stable"
         confirm = server.client.get(f"{base}/promote")
         assert 'name="force"' in confirm.text, "a gated promote offers to skip the gates"
@@ -344,12 +349,7 @@ def test_a_gated_promote_shows_the_unmet_gates_and_can_be_forced_from_the_page(p
 
 def test_a_shadow_rollout_moves_to_canary_from_the_page_gated_then_forced_and_its_percent_changes(publisher, tmp_path):
     with running_server(server_config(tmp_path / "data", None, publisher)) as server:
-        server.publish_ok(publisher, 1, 2)
-        server.set_channel(1)
-        response = server.admin("POST", f"/v1/models/{MODEL}/channels/stable/rollout",
-                                json={"version": 2, "percent": 20, "mode": "shadow"})
-        assert response.status_code == 200, response.text
-        assert login(server).status_code == 303
+        logged_in_with_a_shadow_rollout(server, publisher)
         url = f"/dashboard/models/{MODEL}/channels/stable/stage"
         confirm = server.client.get(url)
         assert "becomes a canary" in confirm.text and 'name="percent"' in confirm.text and 'name="force"' in confirm.text
