@@ -164,12 +164,7 @@ def _shadow_then_canary(url: str, local: str, name: str, bundle: Path, model: Pa
 
 
 def _shadow_predictions(url: str, name: str, token: str) -> int:
-    request = urllib.request.Request(f"{url}/v1/models/{name}/quality?mode=shadow", headers={"Authorization": f"Bearer {token}"})
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            answer = json.loads(response.read())
-    except (OSError, ValueError):
-        return 0
+    answer = _get(f"{url}/v1/models/{name}/quality?mode=shadow", token) or {}
     return sum(v.get("predictions") or 0 for v in answer.get("versions") or [] if v.get("version") == 3)
 
 
@@ -259,9 +254,10 @@ def _env_prefix(env: dict[str, str]) -> str:
     return "".join(f"{k}={shlex.quote(v)} " for k, v in shown.items())
 
 
-def _get(url: str) -> dict | None:
+def _get(url: str, token: str | None = None) -> dict | None:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=2) as response:
             return json.loads(response.read())
     except (OSError, ValueError):
         return None
